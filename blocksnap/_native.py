@@ -1,0 +1,111 @@
+"""The only module that touches the cffi ``ffi``/``lib`` of the C core.
+
+Typed wrappers over csrc/blocksnap.h: buffers go in through
+``ffi.from_buffer`` (no copies), C status codes come out as exceptions.
+cffi releases the GIL around every call, so a scan in one thread overlaps
+with compression and writing in another.
+"""
+import errno as _errno
+import os
+
+from . import errors
+
+try:
+    from ._blocksnap_c import ffi, lib
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise errors.StaleBuild(
+        f"The C extension is missing ({exc}); build it with 'pip install .' "
+        "(needs libxxhash-dev and a C compiler)."
+    ) from exc
+
+ABI_VERSION = 1
+ID_LEN = lib.BS_ID_LEN
+ZERO_ID = bytes(ID_LEN)
+
+CHUNK_HOLE = lib.BS_CHUNK_HOLE
+CHUNK_ZERO = lib.BS_CHUNK_ZERO
+CHUNK_DATA = lib.BS_CHUNK_DATA
+CHUNK_CHANGED = lib.BS_CHUNK_CHANGED
+
+if lib.bs_abi_version() != ABI_VERSION:  # pragma: no cover
+    raise errors.StaleBuild(found=lib.bs_abi_version(), expected=ABI_VERSION)
+
+
+class ShortRead(OSError):
+    """The file ended before the range that was asked for: it shrank."""
+
+
+def _check(rc, err):
+    if rc == lib.BS_OK:
+        return
+    if rc == lib.BS_EIO:
+        raise OSError(err, os.strerror(err))
+    if rc == lib.BS_ESHORT:
+        raise ShortRead(_errno.EIO, "file shorter than expected")
+    raise ValueError(f"blocksnap C core rejected its arguments (status {rc})")
+
+
+def hash128(data):
+    """XXH3-128 of ``data`` as 16 canonical (big-endian) bytes."""
+    out = ffi.new("uint8_t[16]")
+    lib.bs_hash128(ffi.from_buffer(data), len(data), out)
+    return bytes(ffi.buffer(out, ID_LEN))
+
+
+def is_zero(data):
+    """True if ``data`` holds only zero bytes."""
+    return bool(lib.bs_is_zero(ffi.from_buffer(data), len(data)))
+
+
+class Scanner:
+    """Reusable output arrays for ``bs_scan`` over windows of up to ``max_chunks`` chunks.
+
+    One Scanner per thread; ``scan`` fills ``ids``, ``flags`` and ``changed``
+    and returns the number of changed data chunks.
+    """
+
+    def __init__(self, chunk_size, max_chunks):
+        self.chunk_size = chunk_size
+        self.max_chunks = max_chunks
+        self._ids = ffi.new("uint8_t[]", max_chunks * ID_LEN)
+        self._flags = ffi.new("uint8_t[]", max_chunks)
+        self._changed = ffi.new("uint32_t[]", max_chunks)
+        self._n_changed = ffi.new("uint32_t *")
+        self._err = ffi.new("int *")
+
+    def scan(self, fd, offset, length, buf, parent_ids=b""):
+        """Classify ``[offset, offset+length)`` of ``fd`` into ``buf``.
+
+        Args:
+            fd: an open file descriptor of the image.
+            offset, length: the window; ``length`` at most ``max_chunks`` chunks.
+            buf: a writable buffer of at least ``length`` bytes.
+            parent_ids: the parent's ids for this window (16 bytes each), may be shorter.
+        Returns:
+            ``(ids, flags, changed)``: ids as bytes (16 per chunk), flags as bytes,
+            changed as a list of chunk indexes within the window.
+        Raises:
+            OSError on a failed read, ShortRead if the file shrank.
+        """
+        n = -(-length // self.chunk_size)
+        if n > self.max_chunks:
+            raise ValueError("window larger than the scanner")
+        pn = len(parent_ids) // ID_LEN
+        rc = lib.bs_scan(fd, offset, length, self.chunk_size,
+                         ffi.from_buffer(buf, require_writable=True), len(buf),
+                         ffi.from_buffer(parent_ids) if pn else ffi.NULL, pn,
+                         self._ids, self._flags, self._changed, self._n_changed, self._err)
+        _check(rc, self._err[0])
+        nc = self._n_changed[0]
+        return (bytes(ffi.buffer(self._ids, n * ID_LEN)), bytes(ffi.buffer(self._flags, n)),
+                list(self._changed[0:nc]))
+
+
+def punch_hole(fd, offset, length):
+    """Deallocate ``[offset, offset+length)`` of a file, keeping its size.
+
+    Raises:
+        OSError (EOPNOTSUPP where the file system cannot punch holes).
+    """
+    err = ffi.new("int *")
+    _check(lib.bs_punch_hole(fd, offset, length, err), err[0])

@@ -1,0 +1,255 @@
+"""The control plane: cloud block-snapshot semantics over a local repository.
+
+Request parameters and their validation follow Alibaba Cloud ECS
+CreateSnapshot (see docs/API.md): SnapshotName, Description, RetentionDays,
+Tag, ClientToken (idempotency), Category. Responses are dicts shaped like
+the API's JSON (``SnapshotId``, ``RequestId``, DescribeSnapshots'
+``{"Snapshots": {"Snapshot": [...]}, "TotalCount": N}``). The CLI is a thin
+layer over :class:`Client`.
+"""
+import hashlib
+import json
+import os
+import unicodedata
+import uuid
+
+from . import backup, errors, restore
+from .image import raw
+from .repository import DEFAULT_CHUNK_SIZE, ACCOMPLISHED, Repository, default_repo_path
+from .store import gc
+
+MAX_TAGS = 20
+CATEGORIES = ("Standard", "Flash")
+_NAME_PUNCT = set(":_.-")
+
+
+def request_id():
+    return str(uuid.uuid4()).upper()
+
+
+def _has_url(text):
+    return text.startswith("http://") or text.startswith("https://")
+
+
+def validate_snapshot_name(name):
+    """2-128 characters; starts with a letter; letters, digits, ``: _ . -``; not http(s):// nor auto*."""
+    if name is None:
+        return None
+    if not isinstance(name, str) or not 2 <= len(name) <= 128:
+        raise errors.InvalidSnapshotNameMalformed("(2 to 128 characters)")
+    if _has_url(name) or name.startswith("auto"):
+        raise errors.InvalidSnapshotNameMalformed("(must not start with http://, https:// or auto)")
+    if not unicodedata.category(name[0]).startswith("L"):
+        raise errors.InvalidSnapshotNameMalformed("(must start with a letter)")
+    for ch in name:
+        cat = unicodedata.category(ch)
+        if not (cat.startswith("L") or ch in "0123456789" or ch in _NAME_PUNCT):
+            raise errors.InvalidSnapshotNameMalformed(f"(character {ch!r} is not allowed)")
+    return name
+
+
+def validate_description(text):
+    if text is None:
+        return None
+    if not isinstance(text, str) or not 2 <= len(text) <= 256 or _has_url(text):
+        raise errors.InvalidDescriptionMalformed("(2 to 256 characters, not starting with http:// or https://)")
+    return text
+
+
+def validate_retention_days(days):
+    if days is None:
+        return None
+    if isinstance(days, bool) or not isinstance(days, int):
+        try:
+            days = int(str(days), 10)
+        except ValueError:
+            raise errors.InvalidRetentionDaysMalformed(f"({days!r} is not a whole number)") from None
+    if not 1 <= days <= 65536:
+        raise errors.InvalidRetentionDaysMalformed(f"({days} is outside 1 to 65536)")
+    return days
+
+
+def validate_client_token(token):
+    if token is None:
+        return None
+    if not isinstance(token, str) or not token or len(token) > 64 or not token.isascii():
+        raise errors.InvalidClientTokenMalformed()
+    return token
+
+
+def validate_tags(tags):
+    """A list of ``{"Key", "Value"}`` (or ``(key, value)`` pairs); returns the API's Tag list."""
+    if not tags:
+        return []
+    out, seen = [], set()
+    for item in tags:
+        key, value = (item.get("Key"), item.get("Value", "")) if isinstance(item, dict) else item
+        if (not isinstance(key, str) or not 1 <= len(key) <= 128 or _has_url(key)
+                or key.startswith("aliyun") or key.startswith("acs:")):
+            raise errors.InvalidTagKeyMalformed(f"({key!r})")
+        value = "" if value is None else value
+        if not isinstance(value, str) or len(value) > 128 or "http://" in value or "https://" in value:
+            raise errors.InvalidTagValueMalformed(f"({value!r})")
+        if key in seen:
+            raise errors.DuplicateTagKey(f"({key})")
+        seen.add(key)
+        out.append({"TagKey": key, "TagValue": value})
+    if len(out) > MAX_TAGS:
+        raise errors.InvalidTagCount(f"({len(out)} given)")
+    return out
+
+
+def _public(rec, exclusive=None):
+    """A snapshot record as DescribeSnapshots shows it."""
+    out = {k: v for k, v in rec.items() if k not in ("Seq", "Pid", "ClientToken")}
+    out.setdefault("SnapshotName", "")
+    out.setdefault("Description", "")
+    out["Tags"] = {"Tag": rec.get("Tags", [])}
+    out["Available"] = rec["Status"] == ACCOMPLISHED
+    if exclusive is not None:
+        out["ExclusiveBytes"] = exclusive
+    return out
+
+
+class Client:
+    """The Python API. One Client per repository; methods return cloud-shaped dicts.
+
+    Args:
+        repo: repository path; default ``$BLOCKSNAP_REPO`` or the per-user default
+            (``~/.local/share/blocksnap/repo``), which is created on first use.
+    Raises:
+        RepositoryNotFound (an explicit path that is no repository), RepositoryVersionUnsupported.
+    """
+
+    def __init__(self, repo=None):
+        path = repo or default_repo_path()
+        if repo is None and not os.path.exists(os.path.join(path, "config")):
+            self.repo = Repository.init(path)
+        else:
+            self.repo = Repository.open(path)
+
+    @staticmethod
+    def init(path, chunk_size=DEFAULT_CHUNK_SIZE):
+        """Create a repository; returns its config."""
+        with Repository.init(path, chunk_size) as repo:
+            return dict(repo.config, Path=os.path.abspath(path), RequestId=request_id())
+
+    def close(self):
+        self.repo.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # --- disks ---------------------------------------------------------------------------------------
+    def add_disk(self, image_path, disk_name=None):
+        """Register a raw image or block device. Returns ``{"DiskId", "RequestId", ...}``."""
+        if disk_name is not None and (not isinstance(disk_name, str) or not 1 <= len(disk_name) <= 128):
+            raise errors.InvalidDiskNameMalformed()
+        kind, size = raw.probe(image_path)
+        rec = self.repo.add_disk(image_path, disk_name, kind, size)
+        return dict(rec, RequestId=request_id())
+
+    def describe_disks(self):
+        disks = self.repo.list_disks()
+        return {"Disks": {"Disk": disks}, "TotalCount": len(disks), "RequestId": request_id()}
+
+    # --- snapshots -----------------------------------------------------------------------------------
+    def create_snapshot(self, disk_id, snapshot_name=None, description=None, retention_days=None,
+                        tags=None, client_token=None, category=None, progress=None):
+        """CreateSnapshot. Returns ``{"SnapshotId", "RequestId"}`` once the snapshot is accomplished.
+
+        Raises:
+            InvalidSnapshotNameMalformed, InvalidDescriptionMalformed, InvalidRetentionDaysMalformed,
+            InvalidTagKeyMalformed, InvalidTagValueMalformed, DuplicateTagKey, InvalidClientTokenMalformed,
+            InvalidSnapshotCategoryMalformed, InvalidDiskIdNotFound, IncorrectDiskStatusCreatingSnapshot,
+            IdempotentParameterMismatch, IdempotentProcessing, ImageNotFound, ImageUnreadable,
+            ImageChanged, NoSpace, CreateSnapshotFailed.
+        """
+        fields = {
+            "SnapshotName": validate_snapshot_name(snapshot_name),
+            "Description": validate_description(description),
+            "RetentionDays": validate_retention_days(retention_days),
+            "Tags": validate_tags(tags),
+        }
+        if category is not None:
+            if category not in CATEGORIES:
+                raise errors.InvalidSnapshotCategoryMalformed(f"({category!r})")
+            fields["Category"] = category
+        token = validate_client_token(client_token)
+        fields = {k: v for k, v in fields.items() if v not in (None, [])}
+        params_hash = None
+        if token:
+            params_hash = hashlib.sha256(json.dumps([disk_id, fields], sort_keys=True).encode()).hexdigest()
+            known = self._token_snapshot(token)
+            if known is not None:
+                if known[0] != params_hash:
+                    raise errors.IdempotentParameterMismatch()
+                rec = self.repo.get_snapshot(known[1])
+                if rec["Status"] == "progressing":
+                    raise errors.IdempotentProcessing()
+                return {"SnapshotId": rec["SnapshotId"], "RequestId": request_id()}
+        rec = backup.create_snapshot(self.repo, disk_id, fields, token, params_hash, progress)
+        return {"SnapshotId": rec["SnapshotId"], "RequestId": request_id()}
+
+    def _token_snapshot(self, token):
+        cat = self.repo.catalog
+        with cat.read() as txn:
+            prev = cat.get_json(txn, "tokens", token)
+        return None if prev is None else (prev["ParamsHash"], prev["SnapshotId"])
+
+    def describe_snapshots(self, disk_id=None, snapshot_ids=None, status=None, sizes=True):
+        """DescribeSnapshots: every snapshot (or one disk's, or the listed ids), oldest first.
+
+        Each snapshot carries LogicalBytes (non-zero data), AddedBytes (what it added to the
+        repository), ExclusiveBytes (what deleting it would free) when ``sizes``.
+        """
+        recs = self.repo.list_snapshots(disk_id)
+        if snapshot_ids is not None:
+            wanted = set(snapshot_ids)
+            recs = [r for r in recs if r["SnapshotId"] in wanted]
+        if status is not None:
+            recs = [r for r in recs if r["Status"] == status]
+        out = []
+        cat = self.repo.catalog
+        with cat.read() as txn:
+            for rec in recs:
+                excl = self.repo.exclusive_bytes(rec["SnapshotId"], txn) if sizes else None
+                out.append(_public(rec, excl))
+        return {"Snapshots": {"Snapshot": out}, "TotalCount": len(out), "PageNumber": 1,
+                "PageSize": len(out), "RequestId": request_id()}
+
+    def delete_snapshot(self, snapshot_id):
+        """DeleteSnapshot. Returns ``{"RequestId", "FreedChunks", "ReclaimedBytes"}``."""
+        freed, reclaimed = self.repo.delete_snapshot(snapshot_id)
+        return {"RequestId": request_id(), "FreedChunks": freed, "ReclaimedBytes": reclaimed}
+
+    def restore(self, snapshot_id, output, in_place=False, progress=None):
+        """Write a snapshot to ``output`` (see :func:`blocksnap.restore.restore_snapshot`)."""
+        out = restore.restore_snapshot(self.repo, snapshot_id, output, in_place, progress)
+        return dict(out, RequestId=request_id())
+
+    def verify(self, snapshot_id=None, progress=None):
+        """Re-read and check stored chunks. ``Ok`` is false on any damage."""
+        if snapshot_id is not None:
+            self.repo.get_snapshot(snapshot_id)
+        out = restore.verify(self.repo, snapshot_id, progress)
+        out["Ok"] = not out["Damaged"] and not out["Problems"]
+        return dict(out, RequestId=request_id())
+
+    def gc(self, dry_run=False):
+        """Expire snapshots past RetentionDays and reclaim unreferenced data."""
+        p = gc.plan(self.repo) if dry_run else gc.execute(self.repo)
+        return {
+            "DryRun": dry_run,
+            "ExpiredSnapshots": p["ExpiredSnapshots"],
+            "DeadChunks": len(p["DeadChunks"]),
+            "DeadBytes": p["DeadBytes"],
+            "OrphanPacks": len(p["OrphanPacks"]),
+            "OrphanBytes": p["OrphanBytes"],
+            "PendingReclaim": p["PendingReclaim"],
+            "FreedBytes": p.get("FreedBytes", 0),
+            "RequestId": request_id(),
+        }

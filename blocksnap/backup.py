@@ -1,0 +1,364 @@
+"""Creating a snapshot: scan, deduplicate, store, commit.
+
+Pipeline (docs/FORMAT.md, "Write ordering"):
+  1. one write transaction registers the snapshot as ``progressing``;
+  2. a scanner thread runs the C core over 8 MiB windows of the image
+     (read, holes, zero detection, XXH3-128, comparison with the parent map)
+     with the GIL released, while the calling thread compresses (two worker
+     threads) and appends only the changed, not-yet-stored chunks to a pack;
+  3. each full pack is fsynced, then indexed (refcount 0) in one transaction;
+  4. if the image is unchanged since it was opened, one transaction stores
+     the map segments, takes the references and marks the snapshot
+     ``accomplished``. Any failure marks it ``failed``.
+A crash anywhere leaves committed snapshots intact; what the dead create
+wrote is unreferenced and gc (or the next failed-create cleanup) reclaims it.
+"""
+import concurrent.futures
+import os
+import queue
+import signal
+import threading
+import time
+
+import lmdb
+
+from . import _native, errors
+from .image.raw import RawImage
+from .repository import (ACCOMPLISHED, FAILED, PROGRESSING, map_lmdb_error, new_id, now_iso,
+                         split_segments)
+from .store import chunks as chunkstore
+from .store import meta
+
+WINDOW_BYTES = 8 << 20
+PROGRESS_INTERVAL = 0.5  # seconds between Progress updates other processes can see
+
+
+def _crashpoint(name):
+    """Die here, as kill -9 would, when the crash tests ask for it."""
+    if os.environ.get("BLOCKSNAP_CRASHPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Stats:
+    def __init__(self):
+        self.logical = 0
+        self.changed = 0
+        self.changed_chunks = 0
+        self.added = 0
+        self.added_chunks = 0
+        self.scanned = 0
+
+
+def find_parent(repo, txn, disk_id):
+    """The newest accomplished snapshot record of a disk, or None."""
+    cat = repo.catalog
+    prefix = disk_id.encode()
+    with txn.cursor(db=cat.db["disk_snaps"]) as cur:
+        if not cur.set_range(prefix + b"\xff" * 8):
+            cur.last()
+        else:
+            cur.prev()
+        while cur.key() and cur.key().startswith(prefix):
+            rec = cat.get_json(txn, "snapshots", cur.value())
+            if rec and rec["Status"] == ACCOMPLISHED:
+                return rec
+            if not cur.prev():
+                break
+    return None
+
+
+def create_snapshot(repo, disk_id, fields, client_token=None, params_hash=None, progress=None):
+    """Create a snapshot of a registered disk; returns its accomplished record.
+
+    Args:
+        repo: an open Repository.
+        disk_id: the DiskId.
+        fields: validated SnapshotName / Description / RetentionDays / Tags.
+        client_token, params_hash: idempotency (api.py validated them).
+        progress: optional callable(done_bytes, total_bytes).
+    Raises:
+        IncorrectDiskStatusCreatingSnapshot, InvalidDiskIdNotFound, ImageNotFound,
+        ImageUnreadable, ImageChanged, NoSpace, CreateSnapshotFailed.
+    """
+    repo_lock = repo.repo_lock()
+    disk_lock = repo.disk_lock(disk_id)
+    repo.get_disk(disk_id)
+    repo_lock.acquire(exclusive=False)  # waits while gc runs
+    try:
+        if not disk_lock.acquire(exclusive=True, blocking=False):
+            raise errors.IncorrectDiskStatusCreatingSnapshot(f"({disk_id})")
+        job = _Create(repo, disk_id, fields, client_token, params_hash, progress)
+        return job.run(repo_lock)
+    finally:
+        disk_lock.release()
+        repo_lock.release()
+
+
+class _Create:
+    def __init__(self, repo, disk_id, fields, client_token, params_hash, progress):
+        self.repo = repo
+        self.cat = repo.catalog
+        self.disk_id = disk_id
+        self.fields = fields
+        self.client_token = client_token
+        self.params_hash = params_hash
+        self.progress = progress
+        self.cs = repo.chunk_size
+        self.stats = _Stats()
+        self.writer = repo.packs.writer()
+        self.pending = set()  # ids in the unsealed pack
+        self.indexed = []  # ids this create indexed (refcount 0 until commit)
+        self.rec = None
+        self._last_progress = 0.0
+
+    # --- the phases ----------------------------------------------------------------------------------
+    def run(self, repo_lock):
+        disk = self.repo.get_disk(self.disk_id)
+        with RawImage(disk["Path"]) as img:
+            self.rec, parent = self._register(img)
+            if self.rec.get("_existing"):
+                del self.rec["_existing"]
+                return self.rec
+            try:
+                new_map = self._scan_and_store(img, parent)
+                self._seal()
+                if not img.unchanged():
+                    raise errors.ImageChanged(f"({disk['Path']})")
+                _crashpoint("before-commit")
+                self._commit(new_map, img)
+                _crashpoint("after-commit")
+            except BaseException as exc:
+                typed = self._typed(exc, disk["Path"])
+                self._fail(typed, repo_lock)
+                if typed is exc:
+                    raise
+                raise typed from exc
+        return self.rec
+
+    def _register(self, img):
+        cat = self.cat
+        with cat.write() as txn:
+            if self.client_token:
+                prev = cat.get_json(txn, "tokens", self.client_token)
+                if prev is not None:
+                    if prev["ParamsHash"] != self.params_hash:
+                        raise errors.IdempotentParameterMismatch()
+                    rec = cat.get_json(txn, "snapshots", prev["SnapshotId"])
+                    if rec is not None:
+                        rec["_existing"] = True
+                        return rec, None
+            # Holding the disk lock, any progressing record of this disk is a dead create's.
+            prefix = self.disk_id.encode()
+            with txn.cursor(db=cat.db["disk_snaps"]) as cur:
+                if cur.set_range(prefix):
+                    for key, sid in cur:
+                        if not key.startswith(prefix):
+                            break
+                        old = cat.get_json(txn, "snapshots", sid)
+                        if old and old["Status"] == PROGRESSING:
+                            old.update(Status=FAILED, LastModifiedTime=now_iso(),
+                                       Error={"Code": errors.CreateSnapshotFailed.code,
+                                              "Message": "the creating process ended before it finished"})
+                            cat.put_json(txn, "snapshots", old["SnapshotId"], old)
+            parent = find_parent(self.repo, txn, self.disk_id)
+            seq = cat.next_seq(txn)
+            sid = new_id("s-")
+            now = time.time()
+            rec = dict(self.fields)
+            rec.update({
+                "SnapshotId": sid, "Seq": seq, "SourceDiskId": self.disk_id, "SourceDiskSize": img.size,
+                "SourceDiskType": img.kind, "Status": PROGRESSING, "Progress": "0%",
+                "CreationTime": now_iso(now), "LastModifiedTime": now_iso(now),
+                "ParentSnapshotId": parent["SnapshotId"] if parent else None, "Pid": os.getpid(),
+                "ChunkSize": self.cs,
+            })
+            if rec.get("RetentionDays"):
+                rec["ExpiredTime"] = now_iso(now + rec["RetentionDays"] * 86400)
+            if self.client_token:
+                rec["ClientToken"] = self.client_token
+                cat.put_json(txn, "tokens", self.client_token,
+                             {"ParamsHash": self.params_hash, "SnapshotId": sid})
+            cat.put_json(txn, "snapshots", sid, rec)
+            txn.put(prefix + meta.U64.pack(seq), sid.encode(), db=cat.db["disk_snaps"])
+            parent_map = self.repo.snapshot_map(parent["SnapshotId"], txn) if parent else b""
+        return rec, parent_map
+
+    def _scan_and_store(self, img, parent_map):
+        cs = self.cs
+        window = max(WINDOW_BYTES // cs, 1) * cs
+        n_total = -(-img.size // cs)
+        new_map = bytearray(16 * n_total)
+        windows = [(off, min(window, img.size - off)) for off in range(0, img.size, window)]
+        free = queue.Queue()
+        for _ in range(3):
+            free.put(bytearray(window))
+        ready = queue.Queue()
+        stop = threading.Event()
+
+        def scan_all():
+            scanner = _native.Scanner(cs, window // cs)
+            try:
+                for off, length in windows:
+                    buf = free.get()
+                    if stop.is_set():
+                        break
+                    k = off // cs
+                    res = scanner.scan(img.fd, off, length, buf, parent_map[16 * k:16 * (k + window // cs)])
+                    if not img.unchanged():
+                        raise errors.ImageChanged(f"({img.path})")
+                    ready.put((off, length, buf, res))
+                ready.put(None)
+            except BaseException as exc:  # handed to the consumer, which raises it
+                ready.put(exc)
+
+        thread = threading.Thread(target=scan_all, name="blocksnap-scan", daemon=True)
+        thread.start()
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="blocksnap-zstd")
+        try:
+            while True:
+                item = ready.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                off, length, buf, (ids, flags, changed) = item
+                k = off // cs
+                new_map[16 * k:16 * k + len(ids)] = ids
+                self._store_window(pool, buf, length, ids, flags, changed)
+                free.put(buf)
+                self.stats.scanned = off + length
+                self._report(img.size)
+                _crashpoint("mid-scan")
+        finally:
+            stop.set()
+            free.put(bytearray(0))  # unblock a scanner waiting for a buffer
+            pool.shutdown(wait=True)
+            thread.join()
+        return bytes(new_map)
+
+    def _store_window(self, pool, buf, length, ids, flags, changed):
+        cs = self.cs
+        st = self.stats
+        n = len(flags)
+        data_chunks = flags.count(_native.CHUNK_DATA) + flags.count(_native.CHUNK_DATA | _native.CHUNK_CHANGED)
+        st.logical += data_chunks * cs
+        if n and flags[-1] & _native.CHUNK_DATA and length % cs:
+            st.logical -= cs - length % cs
+        if not changed:
+            return
+        mv = memoryview(buf)
+        todo = []
+        with self.cat.read() as txn:
+            for i in changed:
+                cid = ids[16 * i:16 * i + 16]
+                clen = min(cs, length - i * cs)
+                st.changed += clen
+                st.changed_chunks += 1
+                if cid in self.pending or self.cat.get_chunk(txn, cid) is not None:
+                    continue
+                self.pending.add(cid)
+                todo.append((cid, mv[i * cs:i * cs + clen]))
+        for (cid, data), (codec, stored) in zip(todo, pool.map(lambda t: chunkstore.encode(t[1]), todo)):
+            if self.writer.add(cid, codec, stored, len(data)):
+                self._seal()
+
+    def _seal(self):
+        sealed = self.writer.seal()
+        if sealed is None:
+            return
+        _crashpoint("after-pack-fsync")
+        pack_id, size, records = sealed
+        dups = []
+        with self.cat.write() as txn:
+            live = 0
+            for cid, offset, stored, raw, codec in records:
+                if self.cat.put_chunk(txn, cid, (pack_id, offset, stored, raw, codec, 0), overwrite=False):
+                    live += 1
+                    self.indexed.append(cid)
+                    self.stats.added += stored
+                    self.stats.added_chunks += 1
+                else:
+                    dups.append((offset, stored))  # another process stored it first
+            self.cat.put_pack(txn, pack_id, live, size)
+            self._progress_record(txn)
+        self.pending.clear()
+        for offset, stored in dups:
+            self.repo.packs.punch(pack_id, offset, stored + chunkstore.RECORD.size)
+        _crashpoint("after-pack-index")
+
+    def _commit(self, new_map, img):
+        st = self.stats
+        with self.cat.write() as txn:
+            seg_blob = self.repo.add_map_refs(txn, split_segments(new_map))
+            txn.put(self.rec["SnapshotId"].encode(), seg_blob, db=self.cat.db["snapmaps"])
+            self.rec.update({
+                "Status": ACCOMPLISHED, "Progress": "100%", "LastModifiedTime": now_iso(),
+                "LogicalBytes": st.logical, "ChangedBytes": st.changed, "ChangedChunks": st.changed_chunks,
+                "AddedBytes": st.added, "AddedChunks": st.added_chunks,
+            })
+            self.rec.pop("Pid", None)
+            self.cat.put_json(txn, "snapshots", self.rec["SnapshotId"], self.rec)
+            disk = self.cat.get_json(txn, "disks", self.disk_id)
+            disk["Size"] = img.size
+            self.cat.put_json(txn, "disks", self.disk_id, disk)
+
+    # --- progress and failure ------------------------------------------------------------------------
+    def _report(self, total):
+        if self.progress:
+            self.progress(self.stats.scanned, total)
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_INTERVAL:
+            with self.cat.write() as txn:
+                self._progress_record(txn)
+
+    def _progress_record(self, txn):
+        self._last_progress = time.monotonic()
+        size = self.rec["SourceDiskSize"] or 1
+        self.rec["Progress"] = f"{min(99, self.stats.scanned * 100 // size)}%"
+        cur = self.cat.get_json(txn, "snapshots", self.rec["SnapshotId"])
+        if cur is not None:
+            cur["Progress"] = self.rec["Progress"]
+            self.cat.put_json(txn, "snapshots", self.rec["SnapshotId"], cur)
+
+    def _typed(self, exc, path):
+        if isinstance(exc, errors.BlocksnapError):
+            return exc
+        if isinstance(exc, _native.ShortRead):
+            return errors.ImageChanged(f"({path} shrank while it was read)")
+        if isinstance(exc, OSError) and exc.errno == 28:
+            return errors.NoSpace()
+        if isinstance(exc, lmdb.Error):
+            return map_lmdb_error(exc)
+        if isinstance(exc, OSError):
+            return errors.CreateSnapshotFailed(f"({exc.strerror}: {exc.filename or path})")
+        return exc  # KeyboardInterrupt and programming errors go up as they are
+
+    def _fail(self, exc, repo_lock):
+        """Mark the snapshot failed and give back what it wrote, as far as that is safe now."""
+        current = self.writer.pack_id if self.writer._fd is not None else None
+        self.writer.abort()
+        if current is not None:
+            self.repo.packs.remove(current)  # never indexed: nobody else can know it
+        code = getattr(exc, "code", errors.InternalError.code)
+        try:
+            with self.cat.write() as txn:
+                rec = self.cat.get_json(txn, "snapshots", self.rec["SnapshotId"])
+                if rec is not None:
+                    rec.update(Status=FAILED, LastModifiedTime=now_iso(),
+                               Error={"Code": code, "Message": str(exc)})
+                    rec.pop("Pid", None)
+                    self.cat.put_json(txn, "snapshots", rec["SnapshotId"], rec)
+                    self.rec = rec
+        except lmdb.Error:
+            pass  # the record stays progressing; readers see its lock gone and call it failed
+        if not self.indexed:
+            return
+        repo_lock.release()  # our own shared lock would block our exclusive one
+        excl = self.repo.repo_lock()
+        try:
+            if excl.acquire(exclusive=True, blocking=False):
+                self.repo.reclaim_dead(self.indexed)
+        except (OSError, lmdb.Error):
+            pass  # gc reclaims it later
+        finally:
+            excl.release()

@@ -1,0 +1,82 @@
+"""Raw images: a regular file (sparse or not) or a block device.
+
+The guest view of a raw image is the file itself. Holes are found by the C
+core with SEEK_DATA/SEEK_HOLE; a block device has none, so only zero
+detection applies there. Point-in-time reads are checked by comparing the
+identity (size, mtime, ctime, inode) before and after.
+"""
+import errno
+import os
+import stat
+
+from .. import errors
+
+
+class RawImage:
+    """An open raw image; use as a context manager.
+
+    Attributes: ``path``, ``fd``, ``size`` (bytes), ``kind`` ("file" or "block").
+    """
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise errors.ImageNotFound(f"({path})") from None
+        except PermissionError:
+            raise errors.ImageUnreadable(f"Permission denied: {path}") from None
+        except OSError as exc:
+            raise errors.ImageUnreadable(f"{path}: {exc.strerror}") from None
+        try:
+            st = os.fstat(self.fd)
+            if stat.S_ISREG(st.st_mode):
+                self.kind = "file"
+                self.size = st.st_size
+            elif stat.S_ISBLK(st.st_mode):
+                self.kind = "block"
+                self.size = os.lseek(self.fd, 0, os.SEEK_END)
+            else:
+                raise errors.ImageUnsupported(f"({path})")
+            self._identity = self.identity()
+            try:
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            except OSError:
+                pass
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def identity(self):
+        """What must not change while the image is read: for files size, mtime, ctime, inode."""
+        st = os.fstat(self.fd)
+        if self.kind == "block":
+            return (st.st_rdev, os.lseek(self.fd, 0, os.SEEK_END))
+        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    def unchanged(self):
+        """True if the image looks as it did when it was opened."""
+        return self.identity() == self._identity
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def probe(path):
+    """``(kind, size)`` of an image path, with typed errors for what cannot be used."""
+    with RawImage(path) as img:
+        try:
+            os.pread(img.fd, 1, 0)
+        except OSError as exc:
+            if exc.errno == errno.EISDIR:
+                raise errors.ImageUnsupported(f"({path})") from None
+            raise errors.ImageUnreadable(f"{path}: {exc.strerror}") from None
+        return img.kind, img.size

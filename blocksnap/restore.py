@@ -1,0 +1,259 @@
+"""Restoring and verifying snapshots.
+
+Restore writes a snapshot's guest view to a new sparse file (zero chunks
+become holes), or in place into an existing file or block device (zero
+chunks are punched, or written as zeros where punching is not possible).
+Every chunk is checked against its id as it is read. Reads and writes
+overlap across two worker threads; both release the GIL in their system
+calls, zstd and the C hash.
+
+Verify re-reads stored chunks and checks their ids and record headers, then
+names every snapshot and offset a bad chunk affects.
+"""
+import concurrent.futures
+import errno
+import os
+import stat
+
+import lmdb
+
+from . import _native, errors
+from .repository import ACCOMPLISHED, ZERO_ID, map_lmdb_error
+from .store.chunks import ChunkDamaged
+
+BATCH_CHUNKS = 32
+
+
+def _locate(repo, txn, ids, first, count):
+    """Index entries for chunks ``first .. first+count`` of a map (None for zero chunks)."""
+    out = []
+    for i in range(first, first + count):
+        cid = ids[16 * i:16 * i + 16]
+        if cid == ZERO_ID:
+            out.append((i, cid, None))
+            continue
+        entry = repo.catalog.get_chunk(txn, cid)
+        if entry is None:
+            raise errors.RepositoryDamaged(f"chunk {cid.hex()} at offset {i * repo.chunk_size} is not in the index")
+        out.append((i, cid, entry))
+    return out
+
+
+def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None):
+    """Write a snapshot's image to ``output``.
+
+    Args:
+        output: a path. A new file is created sparse. An existing block device is
+            written in place; an existing regular file only with ``in_place``.
+        progress: optional callable(done_bytes, total_bytes).
+    Returns:
+        dict with RestoredBytes (data written) and Size.
+    Raises:
+        InvalidSnapshotIdNotFound, IncorrectSnapshotStatus, OutputExists, RestoreFailed,
+        RepositoryDamaged (a chunk failed its check; the output is then incomplete).
+    """
+    rec = repo.get_snapshot(snapshot_id)
+    if rec["Status"] != ACCOMPLISHED:
+        raise errors.IncorrectSnapshotStatus(f"(snapshot {snapshot_id} is {rec['Status']})")
+    size = rec["SourceDiskSize"]
+    cs = repo.chunk_size
+    lock = repo.repo_lock()
+    lock.acquire(exclusive=False)
+    try:
+        with repo.catalog.read() as txn:
+            ids = repo.snapshot_map(snapshot_id, txn)
+        fd, fresh = _open_output(output, in_place, size)
+        try:
+            written = _restore_into(repo, fd, fresh, ids, size, progress)
+            os.fsync(fd)
+        except OSError as exc:
+            raise errors.RestoreFailed(f"({output}: {exc.strerror})") from exc
+        finally:
+            os.close(fd)
+    except lmdb.Error as exc:
+        raise map_lmdb_error(exc) from exc
+    finally:
+        lock.release()
+    return {"SnapshotId": snapshot_id, "Output": output, "Size": size, "RestoredBytes": written}
+
+
+def _open_output(output, in_place, size):
+    try:
+        st = os.stat(output)
+    except FileNotFoundError:
+        st = None
+    try:
+        if st is None:
+            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            os.ftruncate(fd, size)
+            return fd, True
+        if stat.S_ISBLK(st.st_mode):
+            fd = os.open(output, os.O_WRONLY | os.O_CLOEXEC)
+            dev_size = os.lseek(fd, 0, os.SEEK_END)
+            if dev_size < size:
+                os.close(fd)
+                raise errors.RestoreFailed(f"({output} holds {dev_size} bytes, the snapshot {size})")
+            return fd, False
+        if stat.S_ISREG(st.st_mode) and in_place:
+            fd = os.open(output, os.O_WRONLY | os.O_CLOEXEC)
+            if st.st_size < size:
+                os.ftruncate(fd, size)
+            return fd, False
+    except OSError as exc:
+        raise errors.RestoreFailed(f"({output}: {exc.strerror})") from exc
+    raise errors.OutputExists(f"({output})")
+
+
+def _restore_into(repo, fd, fresh, ids, size, progress):
+    cs = repo.chunk_size
+    n = len(ids) // 16
+    can_punch = [not fresh]
+    zeros = bytes(cs)
+
+    def work(batch):
+        done = 0
+        for i, cid, entry in batch:
+            off = i * cs
+            clen = min(cs, size - off)
+            if entry is None:
+                if fresh:
+                    continue
+                if can_punch[0]:
+                    try:
+                        _native.punch_hole(fd, off, clen)
+                        continue
+                    except OSError as exc:
+                        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV):
+                            raise
+                        can_punch[0] = False
+                os.pwrite(fd, zeros[:clen], off)
+                continue
+            try:
+                data = repo.packs.read(cid, *entry[:3], entry[3], entry[4])
+            except ChunkDamaged as exc:
+                raise errors.RepositoryDamaged(f"chunk at offset {off}: {exc}") from None
+            view = memoryview(data)
+            while view:
+                w = os.pwrite(fd, view, off)
+                view, off = view[w:], off + w
+            done += clen
+        return done
+
+    written = 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="blocksnap-restore") as pool:
+        pending = []
+        with repo.catalog.read() as txn:
+            for first in range(0, n, BATCH_CHUNKS):
+                batch = _locate(repo, txn, ids, first, min(BATCH_CHUNKS, n - first))
+                pending.append(pool.submit(work, batch))
+                if len(pending) >= 4:
+                    written += pending.pop(0).result()
+                    if progress:
+                        progress(min(size, (first + 1) * cs), size)
+        for fut in pending:
+            written += fut.result()
+    if progress:
+        progress(size, size)
+    return written
+
+
+def verify(repo, snapshot_id=None, progress=None):
+    """Re-read and check every stored chunk (of one snapshot, or of the repository).
+
+    Returns:
+        dict: Checked (chunks), CheckedBytes, Damaged: list of {ChunkId, Problem,
+        Affected: [{SnapshotId, Offsets}]}, Problems (catalog-level findings).
+    Raises:
+        InvalidSnapshotIdNotFound.
+    """
+    cat = repo.catalog
+    problems = []
+    lock = repo.repo_lock()
+    lock.acquire(exclusive=False)
+    try:
+        with cat.read() as txn:
+            if snapshot_id is not None:
+                rec = repo.get_snapshot(snapshot_id, txn)
+                snaps = [rec] if rec["Status"] == ACCOMPLISHED else []
+            else:
+                snaps = [r for r in cat.iter_json(txn, "snapshots") if r["Status"] == ACCOMPLISHED]
+            wanted = {}
+            maps = {}
+            for rec in snaps:
+                try:
+                    ids = repo.snapshot_map(rec["SnapshotId"], txn)
+                except errors.RepositoryDamaged as exc:
+                    problems.append({"SnapshotId": rec["SnapshotId"], "Problem": str(exc)})
+                    continue
+                maps[rec["SnapshotId"]] = ids
+                for j in range(0, len(ids), 16):
+                    cid = ids[j:j + 16]
+                    if cid != ZERO_ID and cid not in wanted:
+                        wanted[cid] = cat.get_chunk(txn, cid)
+            if snapshot_id is None:
+                problems.extend(_check_refcounts(repo, txn, maps))
+        bad = {}
+        todo = sorted(((e, cid) for cid, e in wanted.items() if e is not None), key=lambda t: (t[0][0], t[0][1]))
+        for cid, e in wanted.items():
+            if e is None:
+                bad[cid] = "missing from the index"
+        total = sum(e[3] for e, _ in todo)
+        done = 0
+
+        def check(item):
+            entry, cid = item
+            try:
+                repo.packs.read(cid, *entry[:3], entry[3], entry[4])
+                return cid, None, entry[3]
+            except ChunkDamaged as exc:
+                return cid, str(exc), entry[3]
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="blocksnap-verify") as pool:
+            for cid, problem, raw in pool.map(check, todo, chunksize=16):
+                done += raw
+                if problem:
+                    bad[cid] = problem
+                if progress:
+                    progress(done, total)
+    finally:
+        lock.release()
+    damaged = []
+    for cid, problem in sorted(bad.items()):
+        affected = []
+        for sid, ids in maps.items():
+            offs = [j // 16 * repo.chunk_size for j in range(0, len(ids), 16) if ids[j:j + 16] == cid]
+            if offs:
+                affected.append({"SnapshotId": sid, "Offsets": offs})
+        damaged.append({"ChunkId": cid.hex(), "Problem": problem, "Affected": affected})
+    return {"Checked": len(todo), "CheckedBytes": sum(e[3] for e, _ in todo), "Damaged": damaged,
+            "Problems": problems, "Snapshots": len(maps)}
+
+
+def _check_refcounts(repo, txn, maps):
+    """Recount segment and chunk references from the snapshot maps; report every difference."""
+    cat = repo.catalog
+    seg_refs = {}
+    for sid in maps:
+        segs = txn.get(sid.encode(), db=cat.db["snapmaps"]) or b""
+        for j in range(0, len(segs), 16):
+            s = segs[j:j + 16]
+            if s != ZERO_ID:
+                seg_refs[s] = seg_refs.get(s, 0) + 1
+    chunk_refs = {}
+    out = []
+    with txn.cursor(db=cat.db["segments"]) as cur:
+        for key, val in cur:
+            rc = int.from_bytes(val[:4], "big")
+            if seg_refs.get(key, 0) != rc:
+                out.append({"Segment": key.hex(), "Problem": f"refcount {rc}, referenced {seg_refs.get(key, 0)} times"})
+            ids = val[4:]
+            for j in range(0, len(ids), 16):
+                c = ids[j:j + 16]
+                if c != ZERO_ID:
+                    chunk_refs[c] = chunk_refs.get(c, 0) + 1
+    with txn.cursor(db=cat.db["chunks"]) as cur:
+        for key, val in cur:
+            rc = int.from_bytes(val[-4:], "big")
+            if rc != chunk_refs.get(key, 0):
+                out.append({"ChunkId": key.hex(), "Problem": f"refcount {rc}, referenced {chunk_refs.get(key, 0)} times"})
+    return out

@@ -1,0 +1,252 @@
+"""Chunk storage: append-only pack files on a local file system.
+
+A pack holds the chunks one creating process wrote, each behind a 32-byte
+record header, so a pack describes itself without the catalog
+(docs/FORMAT.md, "Pack files"). Writers never share a pack. Space is given
+back by punching holes over dead records and unlinking packs with no live
+record. The interface (writer / read / reclaim / list / remove) is what a
+later object-store backend implements too.
+"""
+import errno
+import os
+import secrets
+import struct
+import threading
+
+import zstandard
+
+from .. import _native, errors
+
+PACK_MAGIC = b"BSPACK\x00\x01"
+PACK_HEADER = struct.Struct(">8s8s")  # magic, pack id
+RECORD_MAGIC = b"BSCK"
+# magic(4) codec(1) reserved(3) raw_len(4) stored_len(4) chunk id(16)
+RECORD = struct.Struct(">4sB3xII16s")
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+ZSTD_LEVEL = 1
+PACK_TARGET = 64 << 20  # seal a pack once it holds this many bytes
+BLOCK = 4096  # punching frees whole blocks only
+
+_tls = threading.local()
+
+
+def encode(data):
+    """``(codec, stored bytes)`` for a chunk: zstd level 1 unless that saves under 1/32."""
+    comp = getattr(_tls, "zc", None)
+    if comp is None:
+        comp = _tls.zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=False)
+    out = comp.compress(data)
+    if len(out) > len(data) - (len(data) >> 5):
+        return CODEC_RAW, bytes(data)
+    return CODEC_ZSTD, out
+
+
+def decode(codec, stored, raw_len):
+    """The chunk's bytes from its stored form (raises ValueError on garbage)."""
+    if codec == CODEC_RAW:
+        return stored
+    if codec != CODEC_ZSTD:
+        raise ValueError(f"unknown codec {codec}")
+    dec = getattr(_tls, "zd", None)
+    if dec is None:
+        dec = _tls.zd = zstandard.ZstdDecompressor()
+    try:
+        out = dec.decompress(stored, max_output_size=raw_len)
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"zstd: {exc}") from exc
+    if len(out) != raw_len:
+        raise ValueError("decompressed length differs from the index")
+    return out
+
+
+class ChunkDamaged(Exception):
+    """A stored chunk is missing, unreadable or does not hash to its id."""
+
+
+class PackStore:
+    """Pack files under ``root`` (``packs/XX/<16 hex>.pack``)."""
+
+    def __init__(self, root):
+        self.root = root
+        self._fds = {}
+        self._fds_lock = threading.Lock()
+
+    def path(self, pack_id):
+        h = pack_id.hex()
+        return os.path.join(self.root, h[:2], h + ".pack")
+
+    def writer(self):
+        """A new PackWriter; one per creating thread of control."""
+        return PackWriter(self)
+
+    # --- reading -------------------------------------------------------------------------------------
+    def _fd(self, pack_id):
+        with self._fds_lock:
+            fd = self._fds.get(pack_id)
+            if fd is None:
+                if len(self._fds) >= 64:
+                    for old in list(self._fds.values()):
+                        os.close(old)
+                    self._fds.clear()
+                fd = os.open(self.path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
+                self._fds[pack_id] = fd
+            return fd
+
+    def read(self, chunk_id, pack_id, offset, stored_len, raw_len, codec, check=True):
+        """The raw bytes of one chunk, checked against its id.
+
+        Raises:
+            ChunkDamaged: the pack is missing, the record is torn or foreign, or the hash differs.
+        """
+        try:
+            blob = os.pread(self._fd(pack_id), RECORD.size + stored_len, offset)
+        except OSError as exc:
+            raise ChunkDamaged(f"pack {pack_id.hex()}: {exc.strerror}") from exc
+        if len(blob) != RECORD.size + stored_len:
+            raise ChunkDamaged(f"pack {pack_id.hex()} is truncated at offset {offset}")
+        magic, rcodec, rraw, rstored, rid = RECORD.unpack_from(blob)
+        if magic != RECORD_MAGIC or rid != chunk_id or rraw != raw_len or rstored != stored_len:
+            raise ChunkDamaged(f"pack {pack_id.hex()} offset {offset}: record header does not match the index")
+        try:
+            data = decode(codec, blob[RECORD.size:], raw_len)
+        except ValueError as exc:
+            raise ChunkDamaged(f"pack {pack_id.hex()} offset {offset}: {exc}") from exc
+        if check and _native.hash128(data) != chunk_id:
+            raise ChunkDamaged(f"pack {pack_id.hex()} offset {offset}: content does not hash to its id")
+        return data
+
+    def close(self):
+        with self._fds_lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    # --- space ---------------------------------------------------------------------------------------
+    def list_packs(self):
+        """Ids of every pack file present (sealed or not)."""
+        out = []
+        if not os.path.isdir(self.root):
+            return out
+        for sub in os.listdir(self.root):
+            d = os.path.join(self.root, sub)
+            if not os.path.isdir(d):
+                continue
+            for name in os.listdir(d):
+                if name.endswith(".pack") and len(name) == 21:
+                    try:
+                        out.append(bytes.fromhex(name[:16]))
+                    except ValueError:
+                        continue
+        return out
+
+    def remove(self, pack_id):
+        """Unlink a pack; a missing one counts as removed."""
+        self._forget(pack_id)
+        try:
+            os.unlink(self.path(pack_id))
+        except FileNotFoundError:
+            pass
+
+    def punch(self, pack_id, offset, length):
+        """Give the whole blocks inside ``[offset, offset+length)`` back to the file system."""
+        start = -(-offset // BLOCK) * BLOCK
+        end = ((offset + length) // BLOCK) * BLOCK
+        if end <= start:
+            return 0
+        try:
+            fd = os.open(self.path(pack_id), os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 0
+        try:
+            _native.punch_hole(fd, start, end - start)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS):
+                return 0  # the file system cannot punch: the bytes stay until the pack goes
+            raise
+        finally:
+            os.close(fd)
+        return end - start
+
+    def _forget(self, pack_id):
+        with self._fds_lock:
+            fd = self._fds.pop(pack_id, None)
+        if fd is not None:
+            os.close(fd)
+
+    def disk_usage(self):
+        """Bytes the packs occupy on disk (st_blocks), as ``du`` counts them."""
+        total = 0
+        for pack_id in self.list_packs():
+            try:
+                total += os.stat(self.path(pack_id)).st_blocks * 512
+            except FileNotFoundError:
+                continue
+        return total
+
+
+class PackWriter:
+    """Appends chunk records to fresh pack files of one writer.
+
+    ``add`` returns the pending location; ``seal`` makes the current pack
+    durable (fsync of file and directory) and returns its records, which the
+    caller then indexes. A record is only indexed after its pack is durable.
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self.pack_id = None
+        self._fd = None
+        self._offset = 0
+        self._records = []  # (chunk_id, offset, stored_len, raw_len, codec)
+        self.written = []  # ids of every pack this writer created
+
+    def _open(self):
+        self.pack_id = secrets.token_bytes(8)
+        path = self.store.path(self.pack_id)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        self.written.append(self.pack_id)
+        header = PACK_HEADER.pack(PACK_MAGIC, self.pack_id)
+        self._write(header, b"")
+        self._offset = len(header)
+
+    def _write(self, head, body):
+        total = len(head) + len(body)
+        done = os.pwritev(self._fd, [head, body], self._offset)
+        if done != total:  # a short write only happens when the file system is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def add(self, chunk_id, codec, stored, raw_len):
+        """Append one encoded chunk. Returns True when the pack is full and should be sealed."""
+        if self._fd is None:
+            self._open()
+        head = RECORD.pack(RECORD_MAGIC, codec, raw_len, len(stored), chunk_id)
+        self._write(head, stored)
+        self._records.append((chunk_id, self._offset, len(stored), raw_len, codec))
+        self._offset += len(head) + len(stored)
+        return self._offset >= PACK_TARGET
+
+    def seal(self):
+        """Make the current pack durable. Returns ``(pack_id, size, records)`` or None if empty."""
+        if self._fd is None:
+            return None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        sub = os.path.dirname(self.store.path(self.pack_id))
+        for d in (sub, os.path.dirname(sub)):  # the file's name and its folder's name
+            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        out = (self.pack_id, self._offset, self._records)
+        self._fd, self._records, self._offset = None, [], 0
+        return out
+
+    def abort(self):
+        """Close without sealing (the pack stays for gc, or for the caller to remove)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._records = []

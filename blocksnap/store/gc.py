@@ -1,0 +1,81 @@
+"""Garbage collection: plan, then execute (restic's prune is the model).
+
+The plan lists what is removable: snapshots past their ExpiredTime
+(RetentionDays), index entries at refcount zero (deleted snapshots whose
+space was not reclaimed at once, or data of failed or killed creates), pack
+files no index entry names (a killed create's packs), and reclaim work a
+crash interrupted. It can be printed as a dry run. Executing it holds the
+repository lock exclusively, so no create can be about to reference a chunk
+being removed.
+"""
+import datetime
+import os
+import time
+
+from .. import errors
+from . import meta
+
+
+def _expired(rec, now):
+    exp = rec.get("ExpiredTime")
+    if not exp or rec["Status"] == "progressing":
+        return False
+    t = datetime.datetime.strptime(exp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    return t.timestamp() <= now
+
+
+def plan(repo, now=None):
+    """What gc would do, as a dict of lists and byte counts. Changes nothing."""
+    now = time.time() if now is None else now
+    cat = repo.catalog
+    dead, dead_bytes, known_packs, pending = [], 0, set(), 0
+    with cat.read() as txn:
+        expired = [r["SnapshotId"] for r in cat.iter_json(txn, "snapshots") if _expired(r, now)]
+        with txn.cursor(db=cat.db["chunks"]) as cur:
+            for key, val in cur:
+                entry = meta.CHUNK.unpack(val)
+                if entry[5] == 0:
+                    dead.append(key)
+                    dead_bytes += entry[2]
+        with txn.cursor(db=cat.db["packs"]) as cur:
+            known_packs = {bytes(k) for k in cur.iternext(keys=True, values=False)}
+        pending = txn.stat(cat.db["reclaim"])["entries"]
+    orphans = [p for p in repo.packs.list_packs() if p not in known_packs]
+    orphan_bytes = 0
+    for p in orphans:
+        try:
+            orphan_bytes += os.stat(repo.packs.path(p)).st_blocks * 512
+        except FileNotFoundError:
+            pass
+    return {
+        "ExpiredSnapshots": expired,
+        "DeadChunks": dead,
+        "DeadBytes": dead_bytes,
+        "OrphanPacks": orphans,
+        "OrphanBytes": orphan_bytes,
+        "PendingReclaim": pending,
+    }
+
+
+def execute(repo):
+    """Make a fresh plan under the exclusive lock and carry it out; returns it with FreedBytes."""
+    lock = repo.repo_lock()
+    lock.acquire(exclusive=True)
+    try:
+        before = repo.packs.disk_usage()
+        expired = plan(repo)["ExpiredSnapshots"]
+        for sid in expired:
+            try:
+                repo.delete_snapshot(sid, reclaim=False)
+            except errors.InvalidSnapshotIdNotFound:
+                pass  # deleted meanwhile
+        p = plan(repo)
+        p["ExpiredSnapshots"] = expired
+        repo.reclaim_dead(p["DeadChunks"])
+        for pid in p["OrphanPacks"]:
+            repo.packs.remove(pid)
+        repo.process_reclaim()
+        p["FreedBytes"] = max(0, before - repo.packs.disk_usage())
+    finally:
+        lock.release()
+    return p

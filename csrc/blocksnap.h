@@ -1,0 +1,79 @@
+/*
+ * blocksnap C core: the whole C API.
+ *
+ * Pure C99 kernels for the snapshot hot path: XXH3-128 chunk ids (system
+ * libxxhash), zero and hole detection, comparison against a parent chunk
+ * map, hole punching. No Python here. Every function returns BS_OK (0) or a
+ * negative BS_E* status; outputs go through caller-provided pointers.
+ * blocksnap/_build.py reads the declarations between the CDEF markers and
+ * hands them to cffi, so this file is the single source of the interface.
+ */
+#ifndef BLOCKSNAP_H
+#define BLOCKSNAP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* CDEF-BEGIN */
+#define BS_ABI_VERSION 1
+
+#define BS_OK 0
+#define BS_EINVAL -1 /* an argument is out of range; nothing was written */
+#define BS_EIO -2    /* a system call failed; *err_out holds errno */
+#define BS_ESHORT -3 /* the file ended before the requested range: it shrank */
+
+#define BS_ID_LEN 16
+
+/* Per-chunk flags written by bs_scan. */
+#define BS_CHUNK_HOLE 1    /* wholly inside a hole: never read, id is zero */
+#define BS_CHUNK_ZERO 2    /* read and found all zero, id is zero */
+#define BS_CHUNK_DATA 4    /* non-zero data, id is its XXH3-128 */
+#define BS_CHUNK_CHANGED 8 /* id differs from the parent's id at this index */
+
+/* Returns BS_ABI_VERSION as compiled; _native.py refuses a stale build. */
+int bs_abi_version(void);
+
+/*
+ * bs_hash128: XXH3-128 (seed 0) of data[0:len) written to out[0:16) in the
+ * canonical big-endian byte order (XXH128_canonicalFromHash), the same bytes
+ * as Python's xxhash.xxh3_128_digest(). Always BS_OK.
+ */
+int bs_hash128(const uint8_t *data, size_t len, uint8_t *out);
+
+/* bs_is_zero: 1 if data[0:len) is all zero bytes (len 0 counts as zero), else 0. */
+int bs_is_zero(const uint8_t *data, size_t len);
+
+/*
+ * bs_scan: read file range [offset, offset+length) of fd in chunks of
+ * chunk_size and classify each one. n = ceil(length / chunk_size) chunks;
+ * the last one may be short (an unaligned tail).
+ *   buf, buf_len   scratch for the data, buf_len >= length; on return, the
+ *                  bytes of every DATA chunk i sit at buf + i*chunk_size.
+ *   parent_ids     parent_n ids (16 bytes each) of the parent snapshot for the
+ *                  same chunk indexes, or NULL/0 when there is no parent;
+ *                  indexes past parent_n count as absent (all-zero id).
+ *   ids_out        n*16 bytes: each chunk's id, all zero for HOLE and ZERO.
+ *   flags_out      n bytes of BS_CHUNK_* flags.
+ *   changed_out    n entries: indexes of the DATA chunks whose id differs
+ *                  from the parent's, ascending; *n_changed gets their count.
+ * Holes are found with SEEK_DATA/SEEK_HOLE and never read; where the file
+ * system or device does not support them the whole range counts as data.
+ * On error (BS_EIO with *err_out = errno, BS_ESHORT, BS_EINVAL) the outputs
+ * are partly written and must be discarded.
+ */
+int bs_scan(int fd, uint64_t offset, uint64_t length, uint32_t chunk_size,
+            uint8_t *buf, size_t buf_len,
+            const uint8_t *parent_ids, uint32_t parent_n,
+            uint8_t *ids_out, uint8_t *flags_out,
+            uint32_t *changed_out, uint32_t *n_changed, int *err_out);
+
+/*
+ * bs_punch_hole: deallocate [offset, offset+length) of a regular file while
+ * keeping its size (fallocate PUNCH_HOLE|KEEP_SIZE). Reads of the range then
+ * return zeros. BS_EIO with *err_out = errno when the file system refuses
+ * (EOPNOTSUPP); the file is unchanged then.
+ */
+int bs_punch_hole(int fd, uint64_t offset, uint64_t length, int *err_out);
+/* CDEF-END */
+
+#endif

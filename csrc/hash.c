@@ -1,0 +1,33 @@
+/*
+ * Chunk ids and zero detection.
+ * Chunk ids are XXH3-128 with seed 0, in the canonical (big-endian) byte
+ * order of xxhash's XXH128_canonicalFromHash, from the system libxxhash.
+ */
+#include <string.h>
+#include <xxhash.h>
+
+#include "blocksnap.h"
+
+int bs_abi_version(void) { return BS_ABI_VERSION; }
+
+int bs_hash128(const uint8_t *data, size_t len, uint8_t *out)
+{
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits(data, len));
+    memcpy(out, c.digest, BS_ID_LEN);
+    return BS_OK;
+}
+
+int bs_is_zero(const uint8_t *data, size_t len)
+{
+    /* Check a short prefix byte by byte, then compare the buffer with itself
+     * shifted by that prefix: memcmp is vectorised by libc, so this runs at
+     * memory speed and stops at the first non-zero byte. */
+    size_t head = len < 16 ? len : 16;
+    for (size_t i = 0; i < head; i++)
+        if (data[i])
+            return 0;
+    if (len <= 16)
+        return 1;
+    return memcmp(data, data + 16, len - 16) == 0;
+}
