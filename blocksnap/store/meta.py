@@ -74,7 +74,9 @@ class Catalog:
     def __init__(self, path):
         self.env = open_env(path)
         try:
-            with self.env.begin(write=False) as txn:
+            # Handles opened in a read-only transaction are not usable by later ones: open them
+            # in a (short, empty) write transaction.
+            with self.env.begin(write=True) as txn:
                 self.db = {name.decode(): self.env.open_db(name, txn=txn, create=False) for name in DB_NAMES}
         except lmdb.Error as exc:
             raise errors.RepositoryDamaged(f"The catalog lacks its databases: {exc}") from exc

@@ -1,0 +1,25 @@
+"""blocksnap restore."""
+from .output import emit_json, human_bytes, progress_for
+
+
+def cmd_restore(args, client):
+    bar = progress_for(args, "restore")
+    try:
+        out = client.restore(args.snapshot_id, args.output, in_place=args.in_place, progress=bar)
+    finally:
+        bar.close()
+    if args.json:
+        emit_json(out)
+    else:
+        print(f"Restored {args.snapshot_id} to {args.output}: {human_bytes(out['Size'])} image, "
+              f"{human_bytes(out['RestoredBytes'])} of data written")
+    return 0
+
+
+def register(sub, common):
+    p = sub.add_parser("restore", parents=[common], help="write a snapshot to a sparse raw image or device")
+    p.add_argument("snapshot_id")
+    p.add_argument("output", help="a new file, an existing block device, or an existing file with --in-place")
+    p.add_argument("--in-place", action="store_true",
+                   help="write into an existing file without truncating it (zero chunks are punched)")
+    p.set_defaults(func=cmd_restore)

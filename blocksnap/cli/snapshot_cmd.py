@@ -1,0 +1,67 @@
+"""blocksnap snapshot create / list / delete."""
+from .output import emit_json, human_bytes, progress_for, table
+
+
+def _tag(text):
+    key, sep, value = text.partition("=")
+    return {"Key": key, "Value": value if sep else ""}
+
+
+def cmd_create(args, client):
+    bar = progress_for(args, "snapshot")
+    try:
+        out = client.create_snapshot(args.disk_id, snapshot_name=args.snapshot_name, description=args.description,
+                                     retention_days=args.retention_days, tags=args.tag,
+                                     client_token=args.client_token, progress=bar)
+    finally:
+        bar.close()
+    if args.json:
+        emit_json(out)
+    else:
+        print(f"SnapshotId: {out['SnapshotId']}")
+        print(f"RequestId: {out['RequestId']}")
+    return 0
+
+
+def cmd_list(args, client):
+    out = client.describe_snapshots(disk_id=args.disk_id)
+    if args.json:
+        emit_json(out)
+        return 0
+    rows = []
+    for s in out["Snapshots"]["Snapshot"]:
+        rows.append([s["SnapshotId"], s.get("SnapshotName") or "-", s["SourceDiskId"], s["Status"], s["Progress"],
+                     s["CreationTime"], human_bytes(s["SourceDiskSize"]), human_bytes(s.get("LogicalBytes")),
+                     human_bytes(s.get("AddedBytes")), human_bytes(s.get("ExclusiveBytes"))])
+    table(rows, ["SnapshotId", "Name", "DiskId", "Status", "Progress", "Created", "Size", "Logical", "Added",
+                 "FreedIfDeleted"])
+    return 0
+
+
+def cmd_delete(args, client):
+    out = client.delete_snapshot(args.snapshot_id)
+    if args.json:
+        emit_json(out)
+    else:
+        print(f"Deleted {args.snapshot_id}: {out['FreedChunks']} chunk(s) no longer referenced, "
+              f"{human_bytes(out['ReclaimedBytes'])} given back now")
+    return 0
+
+
+def register(sub, common):
+    snap = sub.add_parser("snapshot", help="create, list and delete snapshots")
+    ssub = snap.add_subparsers(dest="snapshot_cmd", required=True, metavar="{create,list,delete}")
+    p = ssub.add_parser("create", parents=[common], help="snapshot a disk (CreateSnapshot)")
+    p.add_argument("disk_id")
+    p.add_argument("--snapshot-name")
+    p.add_argument("--description")
+    p.add_argument("--retention-days", type=str, help="delete automatically (at gc) after 1-65536 days")
+    p.add_argument("--tag", action="append", type=_tag, metavar="KEY=VALUE", help="up to 20 tags")
+    p.add_argument("--client-token", help="idempotency token (ASCII, at most 64 characters)")
+    p.set_defaults(func=cmd_create)
+    p = ssub.add_parser("list", parents=[common], help="list snapshots (DescribeSnapshots)")
+    p.add_argument("--disk-id")
+    p.set_defaults(func=cmd_list)
+    p = ssub.add_parser("delete", parents=[common], help="delete a snapshot (DeleteSnapshot)")
+    p.add_argument("snapshot_id")
+    p.set_defaults(func=cmd_delete)
