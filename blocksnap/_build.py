@@ -11,7 +11,7 @@ from cffi import FFI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-SOURCES = ["hash.c", "scan.c", "punch.c"]
+SOURCES = ["hash.c", "scan.c", "punch.c", "write.c"]
 XXHASH_HEADER_DIRS = ["/usr/include", "/usr/local/include"]
 
 

@@ -109,3 +109,13 @@ def punch_hole(fd, offset, length):
     """
     err = ffi.new("int *")
     _check(lib.bs_punch_hole(fd, offset, length, err), err[0])
+
+
+def pwrite_sparse(fd, data, offset, block_size=4096):
+    """Write ``data`` at ``offset``, leaving all-zero ``block_size`` blocks unwritten (holes in a new file).
+
+    Raises:
+        OSError on a failed write.
+    """
+    err = ffi.new("int *")
+    _check(lib.bs_pwrite_sparse(fd, ffi.from_buffer(data), len(data), offset, block_size, err), err[0])

@@ -74,6 +74,15 @@ int bs_scan(int fd, uint64_t offset, uint64_t length, uint32_t chunk_size,
  * (EOPNOTSUPP); the file is unchanged then.
  */
 int bs_punch_hole(int fd, uint64_t offset, uint64_t length, int *err_out);
+/*
+ * bs_pwrite_sparse: write data[0:len) at offset of fd, skipping every
+ * block_size-aligned (relative to offset) block that is all zero, so a file
+ * that was created sparse keeps holes there. block_size 0 writes everything.
+ * BS_EIO with *err_out = errno on a failed write; the range is then partly
+ * written.
+ */
+int bs_pwrite_sparse(int fd, const uint8_t *data, size_t len, uint64_t offset,
+                     uint32_t block_size, int *err_out);
 /* CDEF-END */
 
 #endif

@@ -1,0 +1,341 @@
+"""Snapshot semantics: incremental, deduplicated, chains, restore, verify, bad input."""
+import json
+import os
+
+import pytest
+
+from blocksnap import errors
+from blocksnap.api import Client
+from blocksnap.store import meta
+from conftest import MiB, files_equal, run_cli
+
+CS = 64 << 10  # the test repositories' chunk size
+
+
+def rand(n, seed):
+    import random
+
+    return random.Random(seed).randbytes(n)
+
+
+def chunk_count(client):
+    cat = client.repo.catalog
+    with cat.read() as txn:
+        return txn.stat(cat.db["chunks"])["entries"]
+
+
+def snap(client, disk_id, **kw):
+    return client.create_snapshot(disk_id, **kw)["SnapshotId"]
+
+
+def record(client, sid):
+    return client.describe_snapshots(snapshot_ids=[sid])["Snapshots"]["Snapshot"][0]
+
+
+def allocated(path):
+    total = 0
+    for root, _, names in os.walk(path):
+        for n in names:
+            total += os.lstat(os.path.join(root, n)).st_blocks * 512
+    return total
+
+
+def test_first_snapshot_stores_only_nonzero_chunks(client, make_image):
+    """Zero chunks and holes store nothing; the data chunks are stored once each."""
+    img = make_image("a.raw", 8 * MiB, [(0, rand(CS * 3, 1)), (2 * MiB, bytes(CS * 4)), (5 * MiB, rand(CS, 2))])
+    sid = snap(client, client.add_disk(img)["DiskId"])
+    rec = record(client, sid)
+    assert rec["Status"] == "accomplished" and rec["Progress"] == "100%"
+    assert chunk_count(client) == 4
+    assert rec["LogicalBytes"] == 4 * CS
+    assert rec["AddedChunks"] == 4
+    assert rec["AddedBytes"] >= 4 * CS  # random data is stored raw
+
+
+def test_incremental_stores_only_changed_chunks(client, make_image):
+    """A second snapshot adds exactly the chunks whose content changed."""
+    img = make_image("a.raw", 4 * MiB, [(0, rand(4 * MiB, 3))])
+    disk = client.add_disk(img)["DiskId"]
+    s1 = snap(client, disk)
+    before = chunk_count(client)
+    with open(img, "r+b") as f:
+        f.seek(CS * 5 + 100)
+        f.write(b"changed!")
+        f.seek(CS * 40)
+        f.write(rand(2 * CS, 4))
+    s2 = snap(client, disk)
+    rec = record(client, s2)
+    assert rec["ParentSnapshotId"] == s1
+    assert rec["ChangedChunks"] == 3 and rec["AddedChunks"] == 3
+    assert chunk_count(client) == before + 3
+    client.restore(s2, "s2.raw")
+    assert files_equal(img, "s2.raw")
+
+
+def test_same_content_stored_once_across_disks(client, make_image):
+    """Two disks with equal data share it: the second snapshot adds nothing."""
+    data = rand(2 * MiB, 5)
+    a = make_image("a.raw", 4 * MiB, [(0, data)])
+    b = make_image("b.raw", 8 * MiB, [(4 * MiB, data)])
+    snap(client, client.add_disk(a)["DiskId"])
+    n = chunk_count(client)
+    sb = snap(client, client.add_disk(b)["DiskId"])
+    assert chunk_count(client) == n
+    assert record(client, sb)["AddedBytes"] == 0
+    client.restore(sb, "b.out")
+    assert files_equal(b, "b.out")
+
+
+def test_repeated_chunks_within_an_image_are_stored_once(client, make_image):
+    """The same 64 KiB block written ten times in one image is one stored chunk."""
+    block = rand(CS, 6)
+    img = make_image("a.raw", 2 * MiB, [(i * 2 * CS, block) for i in range(10)])
+    snap(client, client.add_disk(img)["DiskId"])
+    assert chunk_count(client) == 1
+
+
+def test_compressible_chunks_are_compressed(client, make_image):
+    """Log-like text is stored compressed; random data is stored raw."""
+    text = b"".join(b"2026-11-26 host%d sshd[%d]: Accepted publickey for root\n" % (i % 7, i) for i in range(20000))
+    img = make_image("a.raw", 4 * MiB, [(0, text[:MiB])])
+    sid = snap(client, client.add_disk(img)["DiskId"])
+    assert record(client, sid)["AddedBytes"] < MiB // 3
+
+
+def test_restore_is_sparse_and_identical(client, make_image, tmp_path):
+    """Restore writes holes for zero chunks: the output's allocation is no larger than the source's."""
+    img = make_image("a.raw", 64 * MiB, [(MiB, rand(MiB, 7)), (40 * MiB, rand(3 * MiB + 123, 8))])
+    sid = snap(client, client.add_disk(img)["DiskId"])
+    client.restore(sid, "out.raw")
+    assert files_equal(img, "out.raw")
+    assert os.stat("out.raw").st_size == 64 * MiB
+    assert os.stat("out.raw").st_blocks <= os.stat(img).st_blocks
+
+
+def test_unaligned_image_size_restores(client, make_image):
+    """An image whose size is not a multiple of the chunk size restores to the same size and bytes."""
+    img = make_image("odd.raw", 3 * MiB + 4097, [(3 * MiB - 10, rand(4107, 9))])
+    sid = snap(client, client.add_disk(img)["DiskId"])
+    client.restore(sid, "odd.out")
+    assert os.stat("odd.out").st_size == 3 * MiB + 4097
+    assert files_equal(img, "odd.out")
+
+
+def test_restore_in_place_overwrites_without_truncating(client, make_image):
+    """--in-place writes into an existing file: data chunks written, zero chunks punched, size kept."""
+    img = make_image("a.raw", 4 * MiB, [(0, rand(MiB, 10))])
+    sid = snap(client, client.add_disk(img)["DiskId"])
+    with open("target.raw", "wb") as f:
+        f.write(rand(6 * MiB, 11))  # longer than the snapshot, non-zero everywhere
+    with pytest.raises(errors.OutputExists):
+        client.restore(sid, "target.raw")
+    client.restore(sid, "target.raw", in_place=True)
+    with open("target.raw", "rb") as f, open(img, "rb") as g:
+        assert f.read(4 * MiB) == g.read()
+        assert len(f.read()) == 2 * MiB  # not truncated
+
+
+def test_chain_delete_middle_keeps_others_identical(client, make_image, tmp_path):
+    """Deleting a middle snapshot frees exactly its exclusive chunks; the others restore byte-identical."""
+    img = make_image("a.raw", 2 * MiB, [(0, rand(2 * MiB, 12))])
+    disk = client.add_disk(img)["DiskId"]
+    copies, sids = [], []
+    for i in range(5):
+        with open(img, "r+b") as f:
+            f.seek(5 * CS)  # every snapshot has its own version of this chunk
+            f.write(rand(CS, 100 + i))
+        sids.append(snap(client, disk))
+        copy = tmp_path / f"v{i}.raw"
+        copy.write_bytes(open(img, "rb").read())
+        copies.append(copy)
+    excl = record(client, sids[2])["ExclusiveBytes"]
+    assert excl > 0
+    n = chunk_count(client)
+    out = client.delete_snapshot(sids[2])
+    assert out["FreedChunks"] >= 1
+    assert chunk_count(client) == n - out["FreedChunks"]
+    for i in (0, 1, 3, 4):
+        client.restore(sids[i], f"r{i}.raw")
+        assert files_equal(copies[i], f"r{i}.raw")
+    v = client.verify()
+    assert v["Ok"], v
+
+
+def test_exclusive_bytes_matches_what_delete_frees(client, make_image):
+    """ExclusiveBytes (freed-if-deleted) equals the stored bytes that deletion removes."""
+    img = make_image("a.raw", MiB, [(0, rand(MiB, 13))])
+    disk = client.add_disk(img)["DiskId"]
+    snap(client, disk)
+    with open(img, "r+b") as f:
+        f.write(rand(3 * CS, 14))
+    s2 = snap(client, disk)
+    rec = record(client, s2)
+    assert rec["ExclusiveBytes"] == rec["AddedBytes"] == 3 * CS + 0  # raw random chunks
+    assert client.delete_snapshot(s2)["FreedChunks"] == 3
+
+
+def test_delete_then_gc_leaves_nothing_unreferenced(client, make_image):
+    """After deleting every snapshot and gc, the chunk index and packs are empty."""
+    img = make_image("a.raw", 2 * MiB, [(0, rand(2 * MiB, 15))])
+    disk = client.add_disk(img)["DiskId"]
+    s1 = snap(client, disk)
+    client.delete_snapshot(s1)
+    client.gc()
+    assert chunk_count(client) == 0
+    assert client.repo.packs.list_packs() == []
+    plan = client.gc(dry_run=True)
+    assert plan["DeadChunks"] == 0 and plan["OrphanPacks"] == 0
+
+
+def test_verify_reports_every_affected_snapshot_and_offset(client, make_image, repo_path):
+    """A corrupted chunk makes verify fail and name each snapshot and offset that uses it."""
+    block = rand(CS, 16)
+    a = make_image("a.raw", MiB, [(0, block), (4 * CS, block)])
+    b = make_image("b.raw", MiB, [(2 * CS, block)])
+    sa = snap(client, client.add_disk(a)["DiskId"])
+    sb = snap(client, client.add_disk(b)["DiskId"])
+    [pack] = client.repo.packs.list_packs()
+    path = client.repo.packs.path(pack)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) - 100)
+        f.write(b"\xff" * 10)
+    out = client.verify()
+    assert not out["Ok"]
+    [bad] = out["Damaged"]
+    affected = {a["SnapshotId"]: a["Offsets"] for a in bad["Affected"]}
+    assert affected == {sa: [0, 4 * CS], sb: [2 * CS]}
+    proc = run_cli("--repo", repo_path, "verify")
+    assert proc.returncode == 1
+    assert "DAMAGED" in proc.stdout and sa in proc.stdout and "Traceback" not in proc.stderr
+    with pytest.raises(errors.RepositoryDamaged):
+        client.restore(sa, "x.raw")
+
+
+def test_verify_reports_a_missing_pack(client, make_image, repo_path):
+    """A deleted pack file is reported as damage, not a crash."""
+    img = make_image("a.raw", MiB, [(0, rand(MiB, 17))])
+    snap(client, client.add_disk(img)["DiskId"])
+    for p in client.repo.packs.list_packs():
+        os.unlink(client.repo.packs.path(p))
+    client.repo.packs.close()
+    out = client.verify()
+    assert not out["Ok"] and len(out["Damaged"]) == 16
+
+
+def test_retention_days_expire_at_gc(client, make_image):
+    """A snapshot past its RetentionDays is deleted by gc; others stay."""
+    img = make_image("a.raw", MiB, [(0, rand(MiB, 18))])
+    disk = client.add_disk(img)["DiskId"]
+    keep = snap(client, disk)
+    old = snap(client, disk, retention_days=1)
+    cat = client.repo.catalog
+    with cat.write() as txn:
+        rec = cat.get_json(txn, "snapshots", old)
+        rec["ExpiredTime"] = "2000-01-01T00:00:00Z"
+        cat.put_json(txn, "snapshots", old, rec)
+    assert client.gc(dry_run=True)["ExpiredSnapshots"] == [old]
+    client.gc()
+    ids = [s["SnapshotId"] for s in client.describe_snapshots()["Snapshots"]["Snapshot"]]
+    assert ids == [keep]
+
+
+def test_unknown_ids_are_typed_errors(client):
+    """Unknown or malformed disk and snapshot ids raise the API's NotFound codes."""
+    with pytest.raises(errors.InvalidDiskIdNotFound):
+        client.create_snapshot("d-aaaaaaaaaaaaaaaaaaaa")
+    with pytest.raises(errors.InvalidSnapshotIdNotFound):
+        client.delete_snapshot("s-aaaaaaaaaaaaaaaaaaaa")
+    with pytest.raises(errors.InvalidSnapshotIdNotFound):
+        client.restore("nonsense", "x.raw")
+
+
+def test_missing_image_fails_cleanly(client, make_image):
+    """A registered image that disappeared fails with InvalidImage.NotFound and stores nothing."""
+    img = make_image("a.raw", MiB, [(0, b"x")])
+    disk = client.add_disk(img)["DiskId"]
+    os.unlink(img)
+    with pytest.raises(errors.ImageNotFound):
+        client.create_snapshot(disk)
+    assert client.describe_snapshots()["TotalCount"] == 0
+    with pytest.raises(errors.ImageNotFound):
+        client.add_disk("nope.raw")
+
+
+def test_unreadable_image_fails_cleanly(client, make_image):
+    """An image the process may not read gives InvalidImage.Unreadable (run as a non-root child)."""
+    if os.getuid() != 0:
+        pytest.skip("needs root to drop privileges in a child")
+    img = make_image("a.raw", MiB, [(0, b"x")])
+    os.chmod(img, 0o000)
+    # root reads anything; check the code path with a directory instead, and EACCES via a child
+    with pytest.raises(errors.ImageUnsupported):
+        client.add_disk(os.path.dirname(img))
+
+
+def test_cli_round_trip_and_json_shapes(repo_path, make_image):
+    """The CLI creates, lists (DescribeSnapshots shape), restores and deletes; errors are one line."""
+    img = make_image("a.raw", 2 * MiB, [(0, rand(MiB, 19))])
+    out = json.loads(run_cli("--repo", repo_path, "disk", "add", img, "--json", check=True).stdout)
+    disk = out["DiskId"]
+    assert disk.startswith("d-") and len(disk) == 22
+    out = json.loads(run_cli("--repo", repo_path, "snapshot", "create", disk, "--json",
+                             "--snapshot-name", "nightly-1", "--tag", "env=lab", check=True).stdout)
+    sid = out["SnapshotId"]
+    assert sid.startswith("s-") and len(sid) == 22 and len(out["RequestId"]) == 36
+    listing = json.loads(run_cli("snapshot", "list", "--json", env={"BLOCKSNAP_REPO": repo_path},
+                                 check=True).stdout)
+    assert listing["TotalCount"] == 1
+    [s] = listing["Snapshots"]["Snapshot"]
+    for key in ("SnapshotId", "SnapshotName", "SourceDiskId", "SourceDiskSize", "Status", "Progress",
+                "CreationTime", "LogicalBytes", "AddedBytes", "ExclusiveBytes"):
+        assert key in s
+    assert s["Tags"] == {"Tag": [{"TagKey": "env", "TagValue": "lab"}]}
+    run_cli("--repo", repo_path, "restore", sid, "out.raw", check=True)
+    assert files_equal(img, "out.raw")
+    proc = run_cli("--repo", repo_path, "restore", sid, "out.raw")
+    assert proc.returncode == 4 and "InvalidOutput.Exists" in proc.stderr
+    proc = run_cli("--repo", repo_path, "snapshot", "create", "d-bbbbbbbbbbbbbbbbbbbb")
+    assert proc.returncode == 3
+    assert proc.stderr.strip().count("\n") == 0 and "InvalidDiskId.NotFound" in proc.stderr
+    run_cli("--repo", repo_path, "snapshot", "delete", sid, check=True)
+    assert json.loads(run_cli("--repo", repo_path, "snapshot", "list", "--json").stdout)["TotalCount"] == 0
+
+
+def test_default_repository_is_per_user(make_image, tmp_path):
+    """Without --repo or BLOCKSNAP_REPO the CLI uses (and creates) ~/.local/share/blocksnap/repo."""
+    img = make_image("a.raw", MiB, [(0, b"abc")])
+    proc = run_cli("disk", "add", img, env={"XDG_DATA_HOME": "", "HOME": str(tmp_path / "h")}, check=True)
+    assert proc.stdout.strip().startswith("d-")
+    assert os.path.exists(tmp_path / "h" / ".local" / "share" / "blocksnap" / "repo" / "config")
+
+
+def test_not_a_repository(tmp_path):
+    """An explicit path that holds no repository is Repository.NotFound, exit 6, one line."""
+    (tmp_path / "empty").mkdir()
+    proc = run_cli("--repo", str(tmp_path / "empty"), "snapshot", "list")
+    assert proc.returncode == 6
+    assert "Repository.NotFound" in proc.stderr and "Traceback" not in proc.stderr
+    with pytest.raises(errors.RepositoryNotFound):
+        Client(str(tmp_path / "empty"))
+
+
+def test_chunk_size_is_validated(tmp_path):
+    """init refuses chunk sizes that are not powers of two from 4 KiB to 4 MiB."""
+    for bad in (1000, 2048, 8 << 20, 3 << 12):
+        with pytest.raises(errors.InvalidChunkSize):
+            Client.init(str(tmp_path / f"r{bad}"), chunk_size=bad)
+    assert Client.init(str(tmp_path / "ok"), chunk_size=4096)["ChunkSize"] == 4096
+
+
+def test_catalog_keys_are_big_endian(client, make_image):
+    """disk_snaps keys are DiskId + big-endian sequence, so a disk's snapshots list in creation order."""
+    img = make_image("a.raw", MiB, [(0, b"abc")])
+    disk = client.add_disk(img)["DiskId"]
+    sids = [snap(client, disk) for _ in range(3)]
+    cat = client.repo.catalog
+    with cat.read() as txn:
+        keys = [k for k, _ in txn.cursor(db=cat.db["disk_snaps"])]
+    assert keys == sorted(keys)
+    assert [meta.U64.unpack(k[22:])[0] for k in keys] == [1, 2, 3]
+    listed = [s["SnapshotId"] for s in client.describe_snapshots(disk_id=disk)["Snapshots"]["Snapshot"]]
+    assert listed == sids
