@@ -30,6 +30,8 @@ from .store import chunks as chunkstore
 from .store import meta
 
 WINDOW_BYTES = 8 << 20
+BUFFERS = 4  # windows in flight: bounds memory at BUFFERS * WINDOW_BYTES
+SCANNERS = 2
 PROGRESS_INTERVAL = 0.5  # seconds between Progress updates other processes can see
 
 
@@ -108,6 +110,7 @@ class _Create:
         self.writer = repo.packs.writer()
         self.pending = set()  # ids in the unsealed pack
         self.indexed = []  # ids this create indexed (refcount 0 until commit)
+        self.sealed = set()  # packs this create indexed
         self.rec = None
         self._last_progress = 0.0
 
@@ -121,7 +124,6 @@ class _Create:
                 return self.rec
             try:
                 new_map = self._scan_and_store(img, parent)
-                self._seal()
                 if not img.unchanged():
                     raise errors.ImageChanged(f"({disk['Path']})")
                 _crashpoint("before-commit")
@@ -184,70 +186,136 @@ class _Create:
         return rec, parent_map
 
     def _scan_and_store(self, img, parent_map):
+        """Run the pipeline over the whole image; returns the new chunk map.
+
+        Threads: two scanners (C core, GIL released) take windows in turn; this
+        thread records ids and picks the chunks to store; a pool of two
+        compresses them; one writer appends them to packs in order; one sealer
+        fsyncs each full pack and indexes it. A window's buffer returns to the
+        free list once the writer has written its last chunk.
+        """
         cs = self.cs
-        window = max(WINDOW_BYTES // cs, 1) * cs
-        n_total = -(-img.size // cs)
-        new_map = bytearray(16 * n_total)
-        windows = [(off, min(window, img.size - off)) for off in range(0, img.size, window)]
+        per_window = max(WINDOW_BYTES // cs, 1)
+        window = per_window * cs
+        new_map = bytearray(16 * -(-img.size // cs))
+        windows = iter([(off, min(window, img.size - off)) for off in range(0, img.size, window)])
+        windows_lock = threading.Lock()
         free = queue.Queue()
-        for _ in range(3):
+        for _ in range(BUFFERS):
             free.put(bytearray(window))
         ready = queue.Queue()
+        to_write = queue.Queue()
+        to_seal = queue.Queue()
+        failures = []
         stop = threading.Event()
 
-        def scan_all():
-            scanner = _native.Scanner(cs, window // cs)
-            try:
-                for off, length in windows:
-                    buf = free.get()
-                    if stop.is_set():
-                        break
-                    k = off // cs
-                    res = scanner.scan(img.fd, off, length, buf, parent_map[16 * k:16 * (k + window // cs)])
-                    if not img.unchanged():
-                        raise errors.ImageChanged(f"({img.path})")
-                    ready.put((off, length, buf, res))
-                ready.put(None)
-            except BaseException as exc:  # handed to the consumer, which raises it
-                ready.put(exc)
+        def guarded(fn):
+            def run():
+                try:
+                    fn()
+                except BaseException as exc:  # re-raised by this thread below
+                    failures.append(exc)
+                    stop.set()
+                    ready.put(None)
+            return run
 
-        thread = threading.Thread(target=scan_all, name="blocksnap-scan", daemon=True)
-        thread.start()
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="blocksnap-zstd")
-        try:
+        def scan_windows():
+            scanner = _native.Scanner(cs, per_window)
+            while not stop.is_set():
+                with windows_lock:
+                    nxt = next(windows, None)
+                if nxt is None:
+                    break
+                off, length = nxt
+                buf = free.get()
+                if stop.is_set():
+                    break
+                k = off // cs
+                res = scanner.scan(img.fd, off, length, buf, parent_map[16 * k:16 * (k + per_window)])
+                if not img.unchanged():
+                    raise errors.ImageChanged(f"({img.path} changed while it was read)")
+                ready.put((off, length, buf, res))
+            ready.put(None)
+
+        def write_chunks():
             while True:
-                item = ready.get()
+                item = to_write.get()
                 if item is None:
                     break
-                if isinstance(item, BaseException):
-                    raise item
+                buf, chunk_jobs = item
+                for cid, raw_len, fut in chunk_jobs:
+                    if stop.is_set():
+                        return
+                    codec, stored = fut.result()
+                    if self.writer.add(cid, codec, stored, raw_len):
+                        to_seal.put(self.writer.detach())
+                free.put(buf)
+            handed = self.writer.detach()
+            if handed is not None:
+                to_seal.put(handed)
+
+        def seal_packs():
+            while True:
+                handed = to_seal.get()
+                if handed is None:
+                    break
+                if stop.is_set():
+                    os.close(handed[1])
+                    continue
+                self._index_pack(handed)
+
+        scanners = [threading.Thread(target=guarded(scan_windows), name=f"blocksnap-scan{i}", daemon=True)
+                    for i in range(SCANNERS)]
+        writer = threading.Thread(target=guarded(write_chunks), name="blocksnap-write", daemon=True)
+        sealer = threading.Thread(target=guarded(seal_packs), name="blocksnap-seal", daemon=True)
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="blocksnap-zstd")
+        for t in scanners + [writer, sealer]:
+            t.start()
+        try:
+            finished = 0
+            while finished < SCANNERS and not stop.is_set():
+                item = ready.get()
+                if item is None:
+                    finished += 1
+                    continue
                 off, length, buf, (ids, flags, changed) = item
                 k = off // cs
                 new_map[16 * k:16 * k + len(ids)] = ids
-                self._store_window(pool, buf, length, ids, flags, changed)
-                free.put(buf)
-                self.stats.scanned = off + length
+                jobs = self._pick_new_chunks(pool, buf, length, ids, flags, changed)
+                to_write.put((buf, jobs))
+                self.stats.scanned += length
                 self._report(img.size)
                 _crashpoint("mid-scan")
-        finally:
+        except BaseException:
             stop.set()
-            free.put(bytearray(0))  # unblock a scanner waiting for a buffer
+            raise
+        finally:
+            to_write.put(None)
+            if stop.is_set():
+                for _ in range(SCANNERS):
+                    free.put(bytearray(window))  # wake scanners waiting for a buffer
+            writer.join()
+            to_seal.put(None)
+            sealer.join()
+            for t in scanners:
+                t.join()
             pool.shutdown(wait=True)
-            thread.join()
+        if failures:
+            raise failures[0]
         return bytes(new_map)
 
-    def _store_window(self, pool, buf, length, ids, flags, changed):
+    def _pick_new_chunks(self, pool, buf, length, ids, flags, changed):
+        """Count a scanned window; start compressing its chunks that the repository lacks."""
         cs = self.cs
         st = self.stats
-        n = len(flags)
         data_chunks = flags.count(_native.CHUNK_DATA) + flags.count(_native.CHUNK_DATA | _native.CHUNK_CHANGED)
         st.logical += data_chunks * cs
-        if n and flags[-1] & _native.CHUNK_DATA and length % cs:
+        if flags and flags[-1] & _native.CHUNK_DATA and length % cs:
             st.logical -= cs - length % cs
+        jobs = []
         if not changed:
-            return
+            return jobs
         mv = memoryview(buf)
-        todo = []
         with self.cat.read() as txn:
             for i in changed:
                 cid = ids[16 * i:16 * i + 16]
@@ -257,17 +325,14 @@ class _Create:
                 if cid in self.pending or self.cat.get_chunk(txn, cid) is not None:
                     continue
                 self.pending.add(cid)
-                todo.append((cid, mv[i * cs:i * cs + clen]))
-        for (cid, data), (codec, stored) in zip(todo, pool.map(lambda t: chunkstore.encode(t[1]), todo)):
-            if self.writer.add(cid, codec, stored, len(data)):
-                self._seal()
+                jobs.append((cid, clen, pool.submit(chunkstore.encode, mv[i * cs:i * cs + clen])))
+        return jobs
 
-    def _seal(self):
-        sealed = self.writer.seal()
-        if sealed is None:
-            return
+    def _index_pack(self, handed):
+        """Make a finished pack durable, then index its chunks at refcount 0 (one transaction)."""
+        pack_id, fd, size, records = handed
+        self.repo.packs.make_durable(pack_id, fd)
         _crashpoint("after-pack-fsync")
-        pack_id, size, records = sealed
         dups = []
         with self.cat.write() as txn:
             live = 0
@@ -280,8 +345,9 @@ class _Create:
                 else:
                     dups.append((offset, stored))  # another process stored it first
             self.cat.put_pack(txn, pack_id, live, size)
-            self._progress_record(txn)
-        self.pending.clear()
+        self.sealed.add(pack_id)
+        for cid, *_ in records:
+            self.pending.discard(cid)
         for offset, stored in dups:
             self.repo.packs.punch(pack_id, offset, stored + chunkstore.RECORD.size)
         _crashpoint("after-pack-index")
@@ -335,10 +401,10 @@ class _Create:
 
     def _fail(self, exc, repo_lock):
         """Mark the snapshot failed and give back what it wrote, as far as that is safe now."""
-        current = self.writer.pack_id if self.writer._fd is not None else None
+        for pack_id in self.writer.written:
+            if pack_id not in self.sealed:
+                self.repo.packs.remove(pack_id)  # never indexed: nobody else can know it
         self.writer.abort()
-        if current is not None:
-            self.repo.packs.remove(current)  # never indexed: nobody else can know it
         code = getattr(exc, "code", errors.InternalError.code)
         try:
             with self.cat.write() as txn:

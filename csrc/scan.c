@@ -7,6 +7,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
 
@@ -67,6 +68,15 @@ int bs_scan(int fd, uint64_t offset, uint64_t length, uint32_t chunk_size,
     if (n > UINT32_MAX)
         return BS_EINVAL;
     uint64_t end = offset + length;
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        *err_out = errno;
+        return BS_EIO;
+    }
+    /* A regular file must still reach the end of the range: past EOF,
+     * SEEK_DATA reports a hole, which would hide a shrunken file. */
+    if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < end)
+        return BS_ESHORT;
 
     /* Mark every chunk a hole, then un-mark and read the ones that any
      * data range touches. */

@@ -38,7 +38,7 @@ def encode(data):
         comp = _tls.zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=False)
     out = comp.compress(data)
     if len(out) > len(data) - (len(data) >> 5):
-        return CODEC_RAW, bytes(data)
+        return CODEC_RAW, data  # the caller writes it before reusing the buffer
     return CODEC_ZSTD, out
 
 
@@ -174,6 +174,20 @@ class PackStore:
         if fd is not None:
             os.close(fd)
 
+    def make_durable(self, pack_id, fd):
+        """fsync a finished pack, close its descriptor, fsync its folder names."""
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        sub = os.path.dirname(self.path(pack_id))
+        for d in (sub, os.path.dirname(sub)):  # the file's name and its folder's name
+            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
     def disk_usage(self):
         """Bytes the packs occupy on disk (st_blocks), as ``du`` counts them."""
         total = 0
@@ -227,22 +241,25 @@ class PackWriter:
         self._offset += len(head) + len(stored)
         return self._offset >= PACK_TARGET
 
-    def seal(self):
-        """Make the current pack durable. Returns ``(pack_id, size, records)`` or None if empty."""
+    def detach(self):
+        """Hand over the current pack: ``(pack_id, fd, size, records)`` or None if empty.
+
+        The next ``add`` starts a new pack. The caller passes the tuple to
+        :meth:`PackStore.make_durable` (possibly in another thread) before indexing it.
+        """
         if self._fd is None:
             return None
-        os.fsync(self._fd)
-        os.close(self._fd)
-        sub = os.path.dirname(self.store.path(self.pack_id))
-        for d in (sub, os.path.dirname(sub)):  # the file's name and its folder's name
-            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
-        out = (self.pack_id, self._offset, self._records)
+        out = (self.pack_id, self._fd, self._offset, self._records)
         self._fd, self._records, self._offset = None, [], 0
         return out
+
+    def seal(self):
+        """Make the current pack durable. Returns ``(pack_id, size, records)`` or None if empty."""
+        handed = self.detach()
+        if handed is None:
+            return None
+        self.store.make_durable(handed[0], handed[1])
+        return handed[0], handed[2], handed[3]
 
     def abort(self):
         """Close without sealing (the pack stays for gc, or for the caller to remove)."""
