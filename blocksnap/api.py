@@ -84,7 +84,7 @@ def validate_tags(tags):
     out, seen = [], set()
     for item in tags:
         key, value = (item.get("Key"), item.get("Value", "")) if isinstance(item, dict) else item
-        if (not isinstance(key, str) or not 1 <= len(key) <= 128 or _has_url(key)
+        if (not isinstance(key, str) or not 1 <= len(key) <= 128 or "http://" in key or "https://" in key
                 or key.startswith("aliyun") or key.startswith("acs:")):
             raise errors.InvalidTagKeyMalformed(f"({key!r})")
         value = "" if value is None else value
@@ -190,7 +190,9 @@ class Client:
                 rec = self.repo.get_snapshot(known[1])
                 if rec["Status"] == "progressing":
                     raise errors.IdempotentProcessing()
-                return {"SnapshotId": rec["SnapshotId"], "RequestId": request_id()}
+                if rec["Status"] == ACCOMPLISHED:
+                    return {"SnapshotId": rec["SnapshotId"], "RequestId": request_id()}
+                # The first attempt failed: a retry with the same token tries again.
         rec = backup.create_snapshot(self.repo, disk_id, fields, token, params_hash, progress)
         return {"SnapshotId": rec["SnapshotId"], "RequestId": request_id()}
 
@@ -206,10 +208,17 @@ class Client:
         Each snapshot carries LogicalBytes (non-zero data), AddedBytes (what it added to the
         repository), ExclusiveBytes (what deleting it would free) when ``sizes``.
         """
-        recs = self.repo.list_snapshots(disk_id)
         if snapshot_ids is not None:
-            wanted = set(snapshot_ids)
-            recs = [r for r in recs if r["SnapshotId"] in wanted]
+            recs = []
+            for sid in snapshot_ids:
+                try:
+                    rec = self.repo.get_snapshot(sid)
+                except errors.InvalidSnapshotIdNotFound:
+                    continue  # DescribeSnapshots lists what exists
+                if disk_id is None or rec["SourceDiskId"] == disk_id:
+                    recs.append(rec)
+        else:
+            recs = self.repo.list_snapshots(disk_id)
         if status is not None:
             recs = [r for r in recs if r["Status"] == status]
         out = []

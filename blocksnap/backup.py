@@ -146,9 +146,10 @@ class _Create:
                     if prev["ParamsHash"] != self.params_hash:
                         raise errors.IdempotentParameterMismatch()
                     rec = cat.get_json(txn, "snapshots", prev["SnapshotId"])
-                    if rec is not None:
+                    if rec is not None and rec["Status"] != FAILED:
                         rec["_existing"] = True
                         return rec, None
+                    # a failed first attempt: this retry takes the token over
             # Holding the disk lock, any progressing record of this disk is a dead create's.
             prefix = self.disk_id.encode()
             with txn.cursor(db=cat.db["disk_snaps"]) as cur:

@@ -27,6 +27,7 @@ CODEC_ZSTD = 1
 ZSTD_LEVEL = 1
 PACK_TARGET = 64 << 20  # seal a pack once it holds this many bytes
 BLOCK = 4096  # punching frees whole blocks only
+FDS_PER_THREAD = 64
 
 _tls = threading.local()
 
@@ -69,7 +70,8 @@ class PackStore:
 
     def __init__(self, root):
         self.root = root
-        self._fds = {}
+        self._local = threading.local()
+        self._all_fds = {}  # fd -> pack id, over all threads
         self._fds_lock = threading.Lock()
 
     def path(self, pack_id):
@@ -82,16 +84,28 @@ class PackStore:
 
     # --- reading -------------------------------------------------------------------------------------
     def _fd(self, pack_id):
+        # Each thread keeps its own descriptors, so evicting one can never close a descriptor
+        # another thread is reading from.
+        cache = self._local.__dict__.setdefault("fds", {})
+        fd = cache.get(pack_id)
+        if fd is None:
+            if len(cache) >= FDS_PER_THREAD:
+                for old_pid, old in cache.items():
+                    self._close_fd(old, old_pid)
+                cache.clear()
+            fd = os.open(self.path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
+            with self._fds_lock:
+                self._all_fds[fd] = pack_id
+            cache[pack_id] = fd
+        return fd
+
+    def _close_fd(self, fd, pack_id):
+        # Only if still registered to that pack: _forget may have closed it and the number been reused.
         with self._fds_lock:
-            fd = self._fds.get(pack_id)
-            if fd is None:
-                if len(self._fds) >= 64:
-                    for old in list(self._fds.values()):
-                        os.close(old)
-                    self._fds.clear()
-                fd = os.open(self.path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
-                self._fds[pack_id] = fd
-            return fd
+            if self._all_fds.get(fd) != pack_id:
+                return
+            del self._all_fds[fd]
+        os.close(fd)
 
     def read(self, chunk_id, pack_id, offset, stored_len, raw_len, codec, check=True):
         """The raw bytes of one chunk, checked against its id.
@@ -117,10 +131,12 @@ class PackStore:
         return data
 
     def close(self):
+        """Close every cached descriptor (no reads may be in flight)."""
         with self._fds_lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            fds, self._all_fds = self._all_fds, {}
+        for fd in fds:
+            os.close(fd)
+        self._local = threading.local()
 
     # --- space ---------------------------------------------------------------------------------------
     def list_packs(self):
@@ -169,10 +185,17 @@ class PackStore:
         return end - start
 
     def _forget(self, pack_id):
+        """Close every thread's descriptor of a pack that is being removed, so its space goes too.
+
+        Removal happens under the exclusive repository lock, so no read of it is in flight.
+        """
         with self._fds_lock:
-            fd = self._fds.pop(pack_id, None)
-        if fd is not None:
+            fds = [fd for fd, pid in self._all_fds.items() if pid == pack_id]
+            for fd in fds:
+                del self._all_fds[fd]
+        for fd in fds:
             os.close(fd)
+        self._local.__dict__.get("fds", {}).pop(pack_id, None)
 
     def make_durable(self, pack_id, fd):
         """fsync a finished pack, close its descriptor, fsync its folder names."""

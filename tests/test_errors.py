@@ -1,0 +1,146 @@
+"""The exception tree (blocksnap/errors.py): unique API codes, HTTP statuses and exit codes, and the
+codes and statuses of the cloud CreateSnapshot API reference."""
+import glob
+import os
+import re
+
+import pytest
+
+from blocksnap import errors
+
+ALL = errors.all_error_classes()
+
+# The CreateSnapshot error table of the cloud API reference (Alibaba Cloud ECS, "Kode kesalahan"),
+# copied from /work/shared/reference/000_20e25ac529617fb2.txt: code -> (HTTP statuses it is listed
+# with, message). Some codes are listed twice, with 400 and 403; either is accepted.
+REFERENCE = {
+    "InvalidSnapshotName.Malformed": ({400}, "The specified SnapshotName is wrongly formed."),
+    "InvalidDescription.Malformed": ({404}, "The specified description is wrongly formed."),
+    "InvalidRetentionDays.Malformed": ({400}, "The specified RetentionDays is not valid."),
+    "InvalidTagKey.Malformed": ({400}, "The specified Tag.n.Key is not valid."),
+    "InvalidTagValue.Malformed": ({400}, "The specified Tag.n.Value is not valid."),
+    "Duplicate.TagKey": ({400}, "The Tag.N.Key contain duplicate key."),
+    "IncorrectDiskStatus.CreatingSnapshot": ({403}, "A previous snapshot creation is in process."),
+    "IdempotentParameterMismatch": ({403}, "The specified clientToken is used."),
+    "IdempotentProcessing": ({403}, "The previous idempotent request(s) is still processing."),
+    "InvalidClientToken.Malformed": ({403}, ("The specified clientToken is improperly formatted. It must "
+                                             "contain only ASCII characters and must not exceed 64 "
+                                             "characters in length.")),
+    "InvalidDiskId.NotFound": ({404}, "The specified DiskId does not exist."),
+    "CreateSnapshot.Failed": ({400, 403}, "The process of creating snapshot is failed."),
+    "InvalidSnapshotCategory.Malformed": ({403}, "The specified Category is not valid."),
+}
+REFERENCE_DIR = "/work/shared/reference"
+
+
+def by_code(code):
+    found = [cls for cls in ALL if cls.code == code]
+    assert len(found) == 1, f"{code}: {found}"
+    return found[0]
+
+
+def test_tree_is_rooted_and_walk_is_complete():
+    """all_error_classes starts at BlocksnapError and lists every error class defined in the module."""
+    assert ALL[0] is errors.BlocksnapError
+    defined = {obj for obj in vars(errors).values()
+               if isinstance(obj, type) and issubclass(obj, errors.BlocksnapError)}
+    assert set(ALL) == defined
+    assert len(ALL) == len(set(ALL))
+
+
+def test_api_codes_are_unique():
+    """No two raisable error classes share an API code; the abstract root only lends its defaults
+    (InternalError's code, 500) to classes that do not set their own."""
+    concrete = [cls for cls in ALL if cls is not errors.BlocksnapError]
+    codes = [cls.code for cls in concrete]
+    dups = sorted({c for c in codes if codes.count(c) > 1})
+    assert dups == []
+    assert errors.BlocksnapError.code == errors.InternalError.code == "InternalError"
+    assert errors.BlocksnapError.http_status == errors.InternalError.http_status == 500
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_every_class_has_status_exit_code_and_message(cls):
+    """Each class has a dotted-word API code, an HTTP status of 400/403/404/500, a non-zero int exit code
+    and a non-empty message."""
+    assert isinstance(cls.code, str) and re.fullmatch(r"[A-Za-z_]+(\.[A-Za-z_]+)*", cls.code)
+    assert cls.http_status in {400, 403, 404, 500}
+    assert type(cls.exit_code) is int and 1 <= cls.exit_code <= 125
+    assert isinstance(cls.message, str) and cls.message.strip()
+
+
+def test_invalid_parameter_family_is_value_error():
+    """Every InvalidParameter subclass is a ValueError with the 'invalid' exit code, and every
+    ``*.Malformed`` code belongs to that family."""
+    for cls in ALL:
+        if issubclass(cls, errors.InvalidParameter):
+            assert issubclass(cls, ValueError), cls
+            assert cls.exit_code == errors.EXIT_INVALID, cls
+        if cls.code.endswith(".Malformed"):
+            assert issubclass(cls, errors.InvalidParameter), cls
+
+
+def test_not_found_family_is_lookup_error():
+    """Every NotFound subclass is a LookupError with the 'not found' exit code and HTTP 404, and every
+    ``*.NotFound`` code belongs to that family."""
+    for cls in ALL:
+        if issubclass(cls, errors.NotFound):
+            assert issubclass(cls, LookupError), cls
+            assert cls.exit_code == errors.EXIT_NOT_FOUND and cls.http_status == 404, cls
+        if cls.code.endswith(".NotFound") and not cls.code.startswith("Repository."):
+            assert issubclass(cls, errors.NotFound), cls
+
+
+def test_repository_family_exits_6_except_damage():
+    """Repository errors exit 6, except a damaged repository, which exits 1 like verify finding damage."""
+    for cls in ALL:
+        if issubclass(cls, errors.RepositoryError):
+            damaged = issubclass(cls, errors.RepositoryDamaged)
+            want = errors.EXIT_DAMAGED if damaged else errors.EXIT_REPOSITORY
+            assert cls.exit_code == want, cls
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_to_dict_shape(cls):
+    """to_dict() is exactly {Code, Message, HttpStatus} (plus RequestId when given) of the class."""
+    fields = dict.fromkeys(re.findall(r"{(\w+)}", cls.message), 7)
+    exc = cls(**fields)
+    d = exc.to_dict()
+    assert d == {"Code": cls.code, "Message": str(exc), "HttpStatus": cls.http_status}
+    assert "{" not in d["Message"]  # templates are filled in
+    assert exc.to_dict(request_id="RID-1") == dict(d, RequestId="RID-1")
+
+
+def test_message_template_and_detail():
+    """Fields fill the message template and a detail is appended after it."""
+    exc = errors.RepositoryVersionUnsupported("(at /r)", found=2, supported=1)
+    assert str(exc) == ("The repository was written by a newer blocksnap (format version 2, this one "
+                        "reads 1). (at /r)")
+    assert str(errors.InvalidDiskIdNotFound()) == "The specified DiskId does not exist."
+
+
+@pytest.mark.parametrize("code", sorted(REFERENCE))
+def test_cloud_api_codes_and_statuses(code):
+    """The cloud API's error codes exist with exactly the reference's spelling, HTTP status and message."""
+    statuses, message = REFERENCE[code]
+    cls = by_code(code)
+    assert cls.http_status in statuses
+    assert cls.message == message
+
+
+def test_reference_table_matches_the_copy_in_this_file():
+    """The codes, statuses and messages frozen above are the ones in the cloud API reference text."""
+    files = glob.glob(os.path.join(REFERENCE_DIR, "*.txt"))
+    if not files:
+        pytest.skip(f"the API reference is not available at {REFERENCE_DIR}")
+    table = {}
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                m = re.match(r"^(400|403|404|500) (\S+) (.+)$", line.strip())
+                if m:
+                    status, code, msg = int(m[1]), m[2], m[3]
+                    table.setdefault(code, (set(), msg))[0].add(status)
+    for code, (statuses, message) in REFERENCE.items():
+        assert code in table, code
+        assert table[code] == (statuses, message), code
