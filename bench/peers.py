@@ -58,6 +58,41 @@ class StepFailed(Exception):
         self.stderr = stderr
 
 
+def gnu_time():
+    """Path of GNU time if installed, else None.
+
+    A child forked from this Python process inherits its high-water RSS: Linux carries the old
+    mm's peak into ``ru_maxrss`` across exec (fs/exec.c, exec_mmap: setmax_mm_hiwater_rss), so
+    ``os.wait4`` alone reports at least this script's own ~20 MiB even for ``true``. GNU time is a
+    small C program that forks the command itself and reports the command's own peak (%M).
+    """
+    path = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
+    if not path:
+        return None
+    try:
+        p = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return path if "GNU" in (p.stdout + p.stderr) else None
+
+
+def warm_read(path):
+    """Read every file under ``path`` once (untimed), so a warm-cache step really finds it cached.
+
+    On this kind of VM the first read of a file written a few seconds earlier can be several times
+    slower than the next one; whichever tool came first would pay for it.
+    """
+    buf = bytearray(8 * MiB)
+    files = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    for name in files:
+        try:
+            with open(name, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+        except OSError:
+            pass
+
+
 class Bench:
     """Runs timed child processes and keeps every measurement."""
 
@@ -69,12 +104,20 @@ class Bench:
         self.steps = []
         self.errors = []
         self._cold_warned = False
+        self.repeat = 0
+        self.time_cmd = gnu_time()
+        self.rss_floor_kib = None
+        self.rss_method = ("GNU time %M (the command's own peak)" if self.time_cmd
+                           else "os.wait4 ru_maxrss (includes the launcher's ~20 MiB floor)")
 
     def log(self, msg):
         if self.verbose:
             print(msg, file=sys.stderr, flush=True)
 
-    def _prepare(self):
+    def _prepare(self, warm):
+        if not self.cold:
+            for path in warm or ():
+                warm_read(path)
         os.sync()
         if not self.cold:
             return
@@ -86,21 +129,42 @@ class Bench:
                 self.log(f"WARNING: --cold: cannot drop the page cache ({exc}); caches stay warm")
                 self._cold_warned = True
 
-    def run(self, tool, step, argv, env=None, cwd=None, timed=True):
+    def measure_floor(self):
+        """Peak RSS reported for ``true``: what the method adds to every measurement."""
+        rec = self.run("ref", "true (RSS floor)", ["true"], timed=False, quiet=True)
+        self.rss_floor_kib = rec["maxrss_kib"]
+        self.steps.pop()
+        return self.rss_floor_kib
+
+    def run(self, tool, step, argv, env=None, cwd=None, timed=True, warm=(), quiet=False):
         """Run ``argv`` as one child; return its record. Raise StepFailed on a non-zero exit.
 
-        The record has wall_s (spawn to reap), maxrss_kib (``ru_maxrss`` of this child and the
-        descendants it reaped), rc, stdout and stderr.
+        Args:
+            warm: paths read once before a timed step when the cache is warm (not with --cold).
+        The record has wall_s (spawn to reap), maxrss_kib (the command's own peak from GNU time,
+        else ``ru_maxrss`` from ``os.wait4``), rc, stdout and stderr.
         """
         if timed:
-            self._prepare()
+            self._prepare(warm)
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
+        argv = [str(a) for a in argv]
+        rss_file = None
+        launch = argv
+        if self.time_cmd:
+            fd, rss_file = tempfile.mkstemp(dir=self.workdir, prefix=".rss-")
+            os.close(fd)
+            launch = [self.time_cmd, "-f", "%M", "-o", rss_file] + argv
         with tempfile.TemporaryFile(dir=self.workdir) as out, tempfile.TemporaryFile(dir=self.workdir) as err:
             t0 = time.perf_counter()
-            proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                    env=full_env, cwd=cwd)
+            try:
+                proc = subprocess.Popen(launch, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                        env=full_env, cwd=cwd)
+            except OSError:
+                if rss_file:
+                    os.unlink(rss_file)
+                raise
             killer = threading.Timer(self.timeout, proc.kill)
             killer.start()
             try:
@@ -114,12 +178,22 @@ class Bench:
             err.seek(0)
             stdout = out.read().decode(errors="replace")
             stderr = err.read().decode(errors="replace")
-        rec = {"tool": tool, "step": step, "argv": [str(a) for a in argv], "timed": timed,
-               "wall_s": wall, "maxrss_kib": usage.ru_maxrss, "rc": rc,
-               "user_s": usage.ru_utime, "sys_s": usage.ru_stime}
+        maxrss = usage.ru_maxrss
+        if rss_file:
+            with open(rss_file) as f:
+                lines = [line.strip() for line in f if line.strip()]
+            os.unlink(rss_file)
+            # GNU time writes "Command exited with non-zero status N" before the format line.
+            if lines and lines[-1].isdigit():
+                maxrss = int(lines[-1])
+            if rc == 127 and not stdout and "time:" in stderr:
+                stderr += f"\n(GNU time could not start {argv[0]})"
+        rec = {"tool": tool, "step": step, "argv": argv, "timed": timed,
+               "wall_s": wall, "maxrss_kib": maxrss, "rc": rc,
+               "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "repeat": self.repeat}
         self.steps.append(rec)
-        rss = usage.ru_maxrss / 1024
-        self.log(f"  [{tool}] {step}: {wall:.2f} s, peak RSS {rss:.1f} MiB, rc {rc}")
+        if not quiet:
+            self.log(f"  [{tool}] {step}: {wall:.2f} s, peak RSS {maxrss / 1024:.1f} MiB, rc {rc}")
         rec["stdout"] = stdout
         rec["stderr"] = stderr
         if rc != 0:
@@ -176,7 +250,7 @@ def parse_json_field(text, key):
 def blocksnap_command(override=None):
     """argv prefix that runs the blocksnap CLI: --blocksnap, else PATH, else the in-tree module."""
     if override:
-        return shlex.split(override), "--blocksnap"
+        return shlex.split(override), f"--blocksnap {override!r}"
     found = shutil.which("blocksnap")
     if found:
         return [found], found
@@ -205,8 +279,9 @@ class Blocksnap:
         self.disk_id = None
         self.snapshots = []
 
-    def _run(self, step, args, timed=True):
-        return self.b.run(self.name, step, self.cmd + ["--repo", self.repo] + args, env=self.env, timed=timed)
+    def _run(self, step, args, timed=True, warm=()):
+        return self.b.run(self.name, step, self.cmd + ["--repo", self.repo] + args, env=self.env, timed=timed,
+                          warm=warm)
 
     def init(self):
         args = ["init"] + (["--chunk-size", str(self.chunk_size)] if self.chunk_size else [])
@@ -214,13 +289,16 @@ class Blocksnap:
         rec = self._run("disk add", ["disk", "add", self.image, "--json"], timed=False)
         self.disk_id = parse_json_field(rec["stdout"], "DiskId")
         if not self.disk_id:
-            raise StepFailed(self.name, "disk add", "no DiskId in the JSON output", rec["stdout"] + rec["stderr"])
+            raise StepFailed(self.name, "disk add", "no DiskId in the JSON output",
+                             rec["stdout"] + rec["stderr"])
 
     def _snapshot(self, step):
-        rec = self._run(step, ["snapshot", "create", str(self.disk_id), "--json"])
+        rec = self._run(step, ["snapshot", "create", str(self.disk_id), "--json"],
+                        warm=[self.image, self.repo])
         sid = parse_json_field(rec["stdout"], "SnapshotId")
         if not sid:
-            raise StepFailed(self.name, step, "no SnapshotId in the JSON output", rec["stdout"] + rec["stderr"])
+            raise StepFailed(self.name, step, "no SnapshotId in the JSON output",
+                             rec["stdout"] + rec["stderr"])
         self.snapshots.append(sid)
         return rec
 
@@ -233,7 +311,7 @@ class Blocksnap:
     def restore(self):
         if os.path.exists(self.out):
             os.unlink(self.out)
-        rec = self._run("restore", ["restore", str(self.snapshots[-1]), self.out])
+        rec = self._run("restore", ["restore", str(self.snapshots[-1]), self.out], warm=[self.repo])
         return rec, self.out
 
 
@@ -248,21 +326,23 @@ class Restic:
         self.env = {"RESTIC_PASSWORD": "bench", "RESTIC_REPOSITORY": self.repo,
                     "RESTIC_CACHE_DIR": os.path.join(workdir, "restic-cache")}
 
-    def _run(self, step, args, timed=True):
-        return self.b.run(self.name, step, ["restic"] + args, env=self.env, timed=timed)
+    def _run(self, step, args, timed=True, warm=()):
+        return self.b.run(self.name, step, ["restic"] + args, env=self.env, timed=timed, warm=warm)
 
     def init(self):
         self._run("init", ["init"], timed=False)
 
     def full(self):
-        return self._run("full", ["backup", self.image])
+        return self._run("full", ["backup", self.image], warm=[self.image])
 
     def incr(self):
-        return self._run("incr", ["backup", self.image])
+        return self._run("incr", ["backup", self.image],
+                         warm=[self.image, self.repo, self.env["RESTIC_CACHE_DIR"]])
 
     def restore(self):
         shutil.rmtree(self.target, ignore_errors=True)
-        rec = self._run("restore", ["restore", "latest", "--target", self.target])
+        rec = self._run("restore", ["restore", "latest", "--target", self.target],
+                        warm=[self.repo, self.env["RESTIC_CACHE_DIR"]])
         return rec, os.path.join(self.target, self.image.lstrip("/"))
 
 
@@ -278,22 +358,24 @@ class Borg:
                     "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
                     "BORG_BASE_DIR": os.path.join(workdir, "borg-base")}
 
-    def _run(self, step, args, timed=True, cwd=None):
-        return self.b.run(self.name, step, ["borg"] + args, env=self.env, timed=timed, cwd=cwd)
+    def _run(self, step, args, timed=True, cwd=None, warm=()):
+        return self.b.run(self.name, step, ["borg"] + args, env=self.env, timed=timed, cwd=cwd, warm=warm)
 
     def init(self):
         self._run("init", ["init", "--encryption=none", self.repo], timed=False)
 
     def full(self):
-        return self._run("full", ["create", f"{self.repo}::full", self.image])
+        return self._run("full", ["create", f"{self.repo}::full", self.image], warm=[self.image])
 
     def incr(self):
-        return self._run("incr", ["create", f"{self.repo}::incr", self.image])
+        return self._run("incr", ["create", f"{self.repo}::incr", self.image],
+                         warm=[self.image, self.repo, self.env["BORG_BASE_DIR"]])
 
     def restore(self):
         shutil.rmtree(self.target, ignore_errors=True)
         os.makedirs(self.target)
-        rec = self._run("restore", ["extract", "--sparse", f"{self.repo}::incr"], cwd=self.target)
+        rec = self._run("restore", ["extract", "--sparse", f"{self.repo}::incr"], cwd=self.target,
+                        warm=[self.repo, self.env["BORG_BASE_DIR"]])
         return rec, os.path.join(self.target, self.image.lstrip("/"))
 
 
@@ -376,10 +458,68 @@ def run_peers(args, bench, workdir):
     make_s = time.perf_counter() - t0
     sparse_copy(image, pristine)
     img_apparent, img_alloc = du(image)
-    bench.log(f"  {make_s:.1f} s; random {stats['random'] / MiB:.0f} MiB, text {stats['text'] / MiB:.0f} MiB, "
+    bench.log(f"  {make_s:.1f} s; random {stats['random'] / MiB:.0f} MiB, "
+              f"text {stats['text'] / MiB:.0f} MiB, "
               f"holes {stats['hole'] / MiB:.0f} MiB; allocated {img_alloc / MiB:.0f} MiB")
     bench.log(f"blocksnap runs as: {bs_how}")
+    bench.log(f"peak RSS via {bench.rss_method}; floor (RSS reported for `true`) "
+              f"{bench.measure_floor() / 1024:.1f} MiB")
 
+    runs = []
+    failed = {}
+    offsets = []
+    for i in range(args.repeat):
+        if i:
+            for name in os.listdir(workdir):
+                if name.startswith(("blocksnap-repo", "restic-", "borg-", "restore-", "ref")):
+                    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+            sparse_copy(pristine, image)
+        bench.repeat = i
+        if args.repeat > 1:
+            bench.log(f"=== repeat {i + 1} of {args.repeat}")
+        res, ref, offsets, failed_i = run_once(args, bench, workdir, image, bs_cmd, want)
+        runs.append((res, ref))
+        for k, v in failed_i.items():
+            failed.setdefault(k, v)
+    res, ref = aggregate(runs)
+    return build_report(args, bench, size, stats, make_s, img_apparent, img_alloc, offsets, res, ref,
+                        bs_how, failed, runs)
+
+
+def _median(values):
+    if not values or any(v is None for v in values):
+        return None
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def aggregate(runs):
+    """Median times over the repeats; the largest RSS; sizes of the last repeat; restores all equal."""
+    if len(runs) == 1:
+        return runs[0]
+    res = {}
+    for tool in runs[0][0]:
+        rs = [r[0][tool] for r in runs]
+        res[tool] = {k: _median([r[k] for r in rs]) for k in ("full", "incr", "restore")}
+        res[tool]["rss_kib"] = max(r["rss_kib"] for r in rs)
+        res[tool]["size_full"] = rs[-1]["size_full"]
+        res[tool]["size_incr"] = rs[-1]["size_incr"]
+        oks = [r["restore_ok"] for r in rs]
+        res[tool]["restore_ok"] = None if any(o is None for o in oks) else all(oks)
+    refs = [r[1] for r in runs]
+    ref = {k: _median([r[k] for r in refs]) for k in ("xxhsum_pristine", "xxhsum", "qemu_restore")}
+    ref["rss_kib"] = max(r["rss_kib"] for r in refs)
+    return res, ref
+
+
+def run_once(args, bench, workdir, image, bs_cmd, want):
+    """One full, change, incremental, restore sequence for every tool.
+
+    Returns:
+        ``(res, ref, offsets, failed)``: per-tool results, reference results, the changed offsets,
+        and the first failed step per tool.
+    """
     tools = []
     if "blocksnap" in want:
         tools.append(Blocksnap(bench, workdir, image, bs_cmd))
@@ -410,9 +550,9 @@ def run_peers(args, bench, workdir):
             res[tool.name][phase] = rec["wall_s"]
             res[tool.name]["rss_kib"] = max(res[tool.name]["rss_kib"], rec["maxrss_kib"])
 
-    def ref_run(key, step, argv):
+    def ref_run(key, step, argv, warm):
         try:
-            rec = bench.run("ref", step, argv)
+            rec = bench.run("ref", step, argv, warm=warm)
         except (StepFailed, OSError) as exc:
             bench.fail(exc if isinstance(exc, StepFailed) else StepFailed("ref", step, str(exc)))
             return
@@ -425,7 +565,7 @@ def run_peers(args, bench, workdir):
 
     bench.log("full backups of the pristine image")
     if "ref" in want:
-        ref_run("xxhsum_pristine", "xxhsum -H128 (pristine)", ["xxhsum", "-H128", image])
+        ref_run("xxhsum_pristine", "xxhsum -H128 (pristine)", ["xxhsum", "-H128", image], [image])
     for t in tools:
         keep(t, "full", step(t, t.full))
         if t.name not in failed:
@@ -440,7 +580,7 @@ def run_peers(args, bench, workdir):
         if t.name not in failed:
             res[t.name]["size_incr"] = du(t.repo)
     if "ref" in want:
-        ref_run("xxhsum", "xxhsum -H128", ["xxhsum", "-H128", image])
+        ref_run("xxhsum", "xxhsum -H128", ["xxhsum", "-H128", image], [image])
 
     bench.log("restores of the newest snapshot")
     for t in tools:
@@ -466,7 +606,7 @@ def run_peers(args, bench, workdir):
             bench.run("ref", "qemu-img convert raw->qcow2 (prep)", ["qemu-img", "convert", "-O", "qcow2",
                                                                       image, qcow], timed=False)
             ref_run("qemu_restore", "qemu-img convert qcow2->raw", ["qemu-img", "convert", "-O", "raw",
-                                                                    qcow, raw])
+                                                                    qcow, raw], [qcow])
         except StepFailed as exc:
             bench.fail(exc)
         except OSError as exc:
@@ -474,12 +614,11 @@ def run_peers(args, bench, workdir):
         for p in (qcow, raw):
             if os.path.exists(p):
                 os.unlink(p)
-
-    return build_report(args, bench, size, stats, make_s, img_apparent, img_alloc, offsets, res, ref,
-                        bs_how, failed)
+    return res, ref, offsets, failed
 
 
-def build_report(args, bench, size, stats, make_s, img_apparent, img_alloc, offsets, res, ref, bs_how, failed):
+def build_report(args, bench, size, stats, make_s, img_apparent, img_alloc, offsets, res, ref, bs_how, failed,
+                 runs):
     changed = len(offsets) * workload.CHANGE_SIZE
     cols = ["blocksnap", "restic", "borg"]
 
@@ -501,7 +640,8 @@ def build_report(args, bench, size, stats, make_s, img_apparent, img_alloc, offs
     rows = [
         ("full snapshot (s)", {c: get(c, "full") for c in cols}, ref["xxhsum_pristine"],
          "xxhsum -H128 of the pristine image"),
-        ("incremental (s)", {c: get(c, "incr") for c in cols}, ref["xxhsum"], "xxhsum -H128 of the changed image"),
+        ("incremental (s)", {c: get(c, "incr") for c in cols}, ref["xxhsum"],
+         "xxhsum -H128 of the changed image"),
         ("restore (s)", {c: get(c, "restore") for c in cols}, ref["qemu_restore"],
          "qemu-img convert -O raw x.qcow2 out.raw"),
         ("repo size after full+incr (MiB, allocated)", {c: _mib(size_incr(c)) for c in cols}, _mib(img_alloc),
@@ -534,8 +674,16 @@ def build_report(args, bench, size, stats, make_s, img_apparent, img_alloc, offs
               f"log text {stats['text'] / MiB:.0f} MiB, holes {stats['hole'] / MiB:.0f} MiB "
               f"(allocated {img_alloc / MiB:.0f} MiB; made in {make_s:.1f} s). "
               f"Change: {len(offsets)} x 1 MiB (seed {args.change_seed}) = {changed / MiB:.0f} MiB.  ")
-    md.append(f"Page cache: {'COLD (dropped before each timed step)' if args.cold else 'WARM (not dropped)'}; "
-              f"`sync` before each timed step. blocksnap ran as: {bs_how}.\n")
+    cache = "COLD (dropped before each timed step)" if args.cold else "WARM (not dropped)"
+    md.append(f"Page cache: {cache}; "
+              f"`sync` before each timed step{'' if args.cold else ', its inputs read once untimed before'}. "
+              f"blocksnap ran as: {bs_how}.  ")
+    if args.repeat > 1:
+        md.append(f"Times are the median of {args.repeat} repeats (each on fresh repositories and a fresh "
+                  f"copy of the pristine image; every repeat's numbers are in the JSON); "
+                  f"RSS is the largest.  ")
+    md.append(f"Peak RSS: {bench.rss_method}; floor (what `true` reports) "
+              f"{(bench.rss_floor_kib or 0) / 1024:.1f} MiB.\n")
     md.extend(lines)
     md.append("")
     md.append(apparent_line + "  ")
@@ -553,12 +701,18 @@ def build_report(args, bench, size, stats, make_s, img_apparent, img_alloc, offs
             if e["stderr"].strip():
                 md.append("  ```\n  " + "\n  ".join(e["stderr"].strip().splitlines()[-15:]) + "\n  ```")
     report = {"table": table, "targets": targets, "restore_equal": restore_cmp, "changed_offsets": offsets,
-              "changed_bytes": changed, "image": {"size": size, "apparent": img_apparent, "allocated": img_alloc,
-                                                  "make_s": make_s, **stats},
+              "changed_bytes": changed,
+              "image": {"size": size, "apparent": img_apparent, "allocated": img_alloc, "make_s": make_s,
+                        **stats},
               "sizes": {c: {"after_full": get(c, "size_full"), "after_incr": get(c, "size_incr")}
                         for c in cols if c in res},
-              "cold": args.cold, "failed": failed}
+              "cold": args.cold, "failed": failed, "rss_method": bench.rss_method,
+              "rss_floor_kib": bench.rss_floor_kib, "repeats": [{"res": r, "ref": f} for r, f in runs]}
     return "\n".join(md), report
+
+
+def _missing(*pairs):
+    return "no result from " + ", ".join(name for name, value in pairs if value is None)
 
 
 def check_targets(res, ref, changed, size_incr, added, rss):
@@ -570,7 +724,7 @@ def check_targets(res, ref, changed, size_incr, added, rss):
     def faster(name, tool, phase, factor):
         bs, other = g("blocksnap", phase), g(tool, phase)
         if bs is None or other is None:
-            out.append({"name": name, "status": "N/A", "detail": f"missing: blocksnap {bs}, {tool} {other}"})
+            out.append({"name": name, "status": "N/A", "detail": _missing(("blocksnap", bs), (tool, other))})
             return
         r = other / bs
         out.append({"name": name, "status": "PASS" if r >= factor else "FAIL", "value": r, "limit": factor,
@@ -579,7 +733,7 @@ def check_targets(res, ref, changed, size_incr, added, rss):
     def within(name, phase, refkey, refname, factor):
         bs, rv = g("blocksnap", phase), ref.get(refkey)
         if bs is None or rv is None:
-            out.append({"name": name, "status": "N/A", "detail": f"missing: blocksnap {bs}, {refname} {rv}"})
+            out.append({"name": name, "status": "N/A", "detail": _missing(("blocksnap", bs), (refname, rv))})
             return
         r = bs / rv
         out.append({"name": name, "status": "PASS" if r <= factor else "FAIL", "value": r, "limit": factor,
@@ -595,7 +749,7 @@ def check_targets(res, ref, changed, size_incr, added, rss):
     bs, rs = size_incr("blocksnap"), size_incr("restic")
     name = "repo after full+incr <= restic's (allocated)"
     if bs is None or rs is None:
-        out.append({"name": name, "status": "N/A", "detail": f"missing: blocksnap {bs}, restic {rs}"})
+        out.append({"name": name, "status": "N/A", "detail": _missing(("blocksnap", bs), ("restic", rs))})
     else:
         out.append({"name": name, "status": "PASS" if bs <= rs else "FAIL", "value": bs, "limit": rs,
                     "detail": f"blocksnap {bs / MiB:.1f} MiB vs restic {rs / MiB:.1f} MiB"})
@@ -606,7 +760,8 @@ def check_targets(res, ref, changed, size_incr, added, rss):
     else:
         out.append({"name": name, "status": "PASS" if a <= 1.15 * changed else "FAIL", "value": a,
                     "limit": 1.15 * changed,
-                    "detail": f"{a / MiB:.1f} MiB added for {changed / MiB:.0f} MiB changed = {a / changed:.2f}x"})
+                    "detail": f"{a / MiB:.1f} MiB added for {changed / MiB:.0f} MiB changed "
+                              f"= {a / changed:.2f}x"})
     r = rss("blocksnap")
     name = "blocksnap peak RSS <= 80 MiB"
     if r is None:
@@ -668,7 +823,8 @@ def run_chunk_sizes(args, bench, workdir):
     md = [f"# blocksnap chunk-size sweep, {datetime.datetime.now().isoformat(timespec='seconds')}\n",
           f"Image: {size / MiB:.0f} MiB, seed {args.seed}; change seed {args.change_seed} (20 x 1 MiB). "
           f"Page cache: {'COLD' if args.cold else 'WARM'}. blocksnap ran as: {bs_how}.\n",
-          "| chunk size | full (s) | incr (s) | restore (s) | repo after full (MiB) | repo after full+incr (MiB) "
+          "| chunk size | full (s) | incr (s) | restore (s) | repo after full (MiB) "
+          "| repo after full+incr (MiB) "
           "| incr added (MiB) | peak RSS (MiB) | restore equal |",
           "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
@@ -699,8 +855,11 @@ def main(argv=None):
                         help="drop the page cache before each timed step (needs root)")
     parser.add_argument("--tools", default=",".join(TOOLS),
                         help="subset of blocksnap,restic,borg,ref (default: all)")
-    parser.add_argument("--blocksnap", help="command that runs the blocksnap CLI (default: PATH, else in-tree)")
+    parser.add_argument("--blocksnap",
+                        help="command that runs the blocksnap CLI (default: PATH, else in-tree)")
     parser.add_argument("--chunk-sizes", help="e.g. 64K,256K,1M: run only blocksnap, once per chunk size")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the whole sequence N times and report median times (default 1)")
     parser.add_argument("--timeout", type=int, default=1800, help="seconds per step before it is killed")
     parser.add_argument("--out", default=os.path.join(BENCH_DIR, "out"), help="report directory")
     args = parser.parse_args(argv)

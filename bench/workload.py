@@ -123,8 +123,9 @@ _AGENTS = [
     "Prometheus/2.48.0", "Googlebot/2.1 (+http://www.google.com/bot.html)",
 ]
 _LEVELS = ["INFO"] * 10 + ["DEBUG"] * 4 + ["WARN"] * 2 + ["ERROR"]
-_KMSGS = ["EXT4-fs (vda1): mounted filesystem with ordered data mode", "TCP: request_sock_TCP: Possible SYN flooding",
-          "virtio_net virtio0 eth0: link up", "audit: type=1400 audit: apparmor=\"STATUS\" operation=\"profile_load\"",
+_KMSGS = ["EXT4-fs (vda1): mounted filesystem with ordered data mode",
+          "TCP: request_sock_TCP: Possible SYN flooding", "virtio_net virtio0 eth0: link up",
+          "audit: type=1400 audit: apparmor=\"STATUS\" operation=\"profile_load\"",
           "nf_conntrack: table full, dropping packet", "Out of memory: Killed process"]
 _APPMSGS = ["request completed", "cache miss", "cache hit", "user authenticated", "query executed",
             "retrying upstream", "connection reset by peer", "job scheduled", "job finished", "slow query"]
@@ -167,15 +168,18 @@ def _text_pool(seed, size=TEXT_POOL_SIZE):
             elif daemon == "kernel":
                 msg = f"[{t % 100000:12.6f}] {rng.choice(_KMSGS)}"
             elif daemon in ("cron", "CRON"):
-                msg = f"({rng.choice(_USERS)}) CMD (/usr/local/bin/job-{rng.randrange(40)}.sh >/dev/null 2>&1)"
+                msg = (f"({rng.choice(_USERS)}) CMD "
+                       f"(/usr/local/bin/job-{rng.randrange(40)}.sh >/dev/null 2>&1)")
             else:
                 msg = (f"{rng.choice(_APPMSGS)}: unit={daemon}.service pid={rng.randrange(100, 99999)} "
                        f"mem={rng.randrange(1, 4096)}M cpu={rng.random() * 100:.1f}%")
-            line = (f"{_MONTHS[tm.tm_mon - 1]} {tm.tm_mday:2d} {tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d} "
+            line = (f"{_MONTHS[tm.tm_mon - 1]} {tm.tm_mday:2d} "
+                    f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d} "
                     f"{host} {daemon}[{rng.randrange(100, 65535)}]: {msg}")
         else:
             line = (f'{{"ts":"{tm.tm_year}-{tm.tm_mon:02d}-{tm.tm_mday:02d}T{tm.tm_hour:02d}:{tm.tm_min:02d}:'
-                    f'{tm.tm_sec:02d}.{ms:03d}Z","level":"{rng.choice(_LEVELS)}","host":"{rng.choice(hosts)}",'
+                    f'{tm.tm_sec:02d}.{ms:03d}Z","level":"{rng.choice(_LEVELS)}",'
+                    f'"host":"{rng.choice(hosts)}",'
                     f'"msg":"{rng.choice(_APPMSGS)}","trace_id":"{rng.getrandbits(128):032x}",'
                     f'"span_id":"{rng.getrandbits(64):016x}",'
                     f'"user_id":{rng.randrange(1, 500000)},"duration_ms":{rng.randrange(1, 3000)}}}')

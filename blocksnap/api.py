@@ -235,9 +235,9 @@ class Client:
         freed, reclaimed = self.repo.delete_snapshot(snapshot_id)
         return {"RequestId": request_id(), "FreedChunks": freed, "ReclaimedBytes": reclaimed}
 
-    def restore(self, snapshot_id, output, in_place=False, progress=None):
+    def restore(self, snapshot_id, output, in_place=False, progress=None, sync=False):
         """Write a snapshot to ``output`` (see :func:`blocksnap.restore.restore_snapshot`)."""
-        out = restore.restore_snapshot(self.repo, snapshot_id, output, in_place, progress)
+        out = restore.restore_snapshot(self.repo, snapshot_id, output, in_place, progress, sync)
         return dict(out, RequestId=request_id())
 
     def verify(self, snapshot_id=None, progress=None):

@@ -118,7 +118,10 @@ class _Create:
     def run(self, repo_lock):
         disk = self.repo.get_disk(self.disk_id)
         with RawImage(disk["Path"]) as img:
-            self.rec, parent = self._register(img)
+            try:
+                self.rec, parent = self._register(img)
+            except lmdb.Error as exc:
+                raise map_lmdb_error(exc) from exc
             if self.rec.get("_existing"):
                 del self.rec["_existing"]
                 return self.rec

@@ -40,13 +40,15 @@ def _locate(repo, txn, ids, first, count):
     return out
 
 
-def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None):
+def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, sync=False):
     """Write a snapshot's image to ``output``.
 
     Args:
         output: a path. A new file is created sparse. An existing block device is
             written in place; an existing regular file only with ``in_place``.
         progress: optional callable(done_bytes, total_bytes).
+        sync: fsync the output before returning (like ``cp``, ``qemu-img convert`` and
+            ``restic restore``, the default leaves write-back to the kernel).
     Returns:
         dict with RestoredBytes (data written) and Size.
     Raises:
@@ -66,7 +68,8 @@ def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None):
         fd, fresh = _open_output(output, in_place, size)
         try:
             written = _restore_into(repo, fd, fresh, ids, size, progress)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         except OSError as exc:
             raise errors.RestoreFailed(f"({output}: {exc.strerror})") from exc
         finally:

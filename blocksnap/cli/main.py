@@ -5,7 +5,7 @@ import sys
 
 import lmdb
 
-from .. import errors
+from .. import __version__, errors
 from ..api import Client
 from ..repository import default_repo_path, map_lmdb_error
 from . import disk_cmd, repo_cmd, restore_cmd, snapshot_cmd
@@ -19,6 +19,7 @@ def build_parser():
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
     parser = argparse.ArgumentParser(prog="blocksnap", parents=[common],
                                      description="Incremental, deduplicated snapshots of VM disk images.")
+    parser.add_argument("--version", action="version", version=f"blocksnap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
                                 metavar="{init,disk,snapshot,restore,verify,gc}")
     for mod in (repo_cmd, disk_cmd, snapshot_cmd, restore_cmd):

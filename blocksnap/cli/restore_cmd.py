@@ -5,7 +5,8 @@ from .output import emit_json, human_bytes, progress_for
 def cmd_restore(args, client):
     bar = progress_for(args, "restore")
     try:
-        out = client.restore(args.snapshot_id, args.output, in_place=args.in_place, progress=bar)
+        out = client.restore(args.snapshot_id, args.output, in_place=args.in_place, progress=bar,
+                             sync=args.sync)
     finally:
         bar.close()
     if args.json:
@@ -22,4 +23,6 @@ def register(sub, common):
     p.add_argument("output", help="a new file, an existing block device, or an existing file with --in-place")
     p.add_argument("--in-place", action="store_true",
                    help="write into an existing file without truncating it (zero chunks are punched)")
+    p.add_argument("--sync", action="store_true",
+                   help="fsync the output before exiting (default: leave write-back to the kernel, as cp does)")
     p.set_defaults(func=cmd_restore)

@@ -1,0 +1,520 @@
+"""Concurrency and resource limits: creates seen by other processes, creates racing each other, images that
+change while they are read, a full file system, and space given back by delete and gc.
+
+Where two processes must overlap, the children hold at a gate file or a barrier (a wrapper around one
+engine function that waits for a file), so the overlap is certain instead of hoped for.
+"""
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import MiB, files_equal, run_cli
+
+import blocksnap
+from blocksnap import _native, backup, errors
+from blocksnap.api import Client
+from blocksnap.store import chunks as chunkstore
+from blocksnap.store import locks, meta
+
+CHUNK = 64 << 10
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+def child_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(blocksnap.__file__)))
+    return env
+
+
+def cli_child(*args):
+    """``python -m blocksnap ARGS`` run to completion with blocksnap importable; returns CompletedProcess."""
+    return run_cli(*args, env={"PYTHONPATH": child_env()["PYTHONPATH"]})
+
+
+def wrapped_cli(wrapper, *args):
+    """Start the CLI in a child after ``wrapper`` (Python source using sys.argv[1:3]) patched the engine."""
+    code = wrapper + "\nfrom blocksnap.cli.main import main\nsys.exit(main(sys.argv[3:]))\n"
+    return subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=child_env())
+
+
+# The child scans the first N windows, then waits until the gate file exists (60 s at most).
+GATED_SCAN = """
+import os, sys, time
+from blocksnap import _native
+gate, free = sys.argv[1], int(sys.argv[2])
+_orig = _native.Scanner.scan
+_calls = []
+def scan(self, *a, **k):
+    _calls.append(1)
+    if len(_calls) > free:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return _orig(self, *a, **k)
+_native.Scanner.scan = scan
+"""
+
+# The child stops before indexing its first pack until every process named in argv[2] got there too.
+INDEX_BARRIER = """
+import os, sys, time
+from blocksnap import backup
+me, everyone = sys.argv[1], sys.argv[2].split(",")
+_orig = backup._Create._index_pack
+def index_pack(self, handed):
+    open(me, "w").close()
+    deadline = time.monotonic() + 60
+    while not all(os.path.exists(p) for p in everyone) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return _orig(self, handed)
+backup._Create._index_pack = index_pack
+"""
+
+
+def write_random(path, size, offset=0):
+    mode = "r+b" if os.path.exists(path) else "wb"
+    with open(path, mode) as f:
+        f.seek(offset)
+        left = size
+        while left:
+            n = min(left, 8 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+    return str(path)
+
+
+def allocated(path):
+    """Bytes the files under ``path`` occupy on disk (sum of st_blocks * 512, as du counts)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+def pack_files(repo_path):
+    return sorted(name for _, _, files in os.walk(os.path.join(repo_path, "packs")) for name in files
+                  if name.endswith(".pack"))
+
+
+def db_keys(client, name):
+    cat = client.repo.catalog
+    with cat.read() as txn, txn.cursor(db=cat.db[name]) as cur:
+        return {bytes(k) for k in cur.iternext(keys=True, values=False)}
+
+
+def db_entries(client, name):
+    cat = client.repo.catalog
+    with cat.read() as txn:
+        return txn.stat(cat.db[name])["entries"]
+
+
+def referenced_chunks(client):
+    """The non-zero chunk ids the maps of all accomplished snapshots name."""
+    repo = client.repo
+    out = set()
+    with repo.catalog.read() as txn:
+        for rec in repo.catalog.iter_json(txn, "snapshots"):
+            if rec["Status"] != "accomplished":
+                continue
+            ids = repo.snapshot_map(rec["SnapshotId"], txn)
+            out.update(ids[j:j + 16] for j in range(0, len(ids), 16))
+    out.discard(bytes(16))
+    return out
+
+
+def snapshot(client, sid):
+    (rec,) = client.describe_snapshots(snapshot_ids=[sid], sizes=False)["Snapshots"]["Snapshot"]
+    return rec
+
+
+def listed(repo_path):
+    """``snapshot list --json`` as another process sees it."""
+    proc = cli_child("--repo", repo_path, "snapshot", "list", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["Snapshots"]["Snapshot"]
+
+
+def restores_identical(client, tmp_path, sid, saved):
+    out = str(tmp_path / f"restore-{sid}.raw")
+    client.restore(sid, out)
+    try:
+        return files_equal(out, saved)
+    finally:
+        os.unlink(out)
+
+
+def poll(predicate, timeout=60, interval=0.02):
+    """The first truthy value of ``predicate()`` within ``timeout`` seconds, else None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return None
+
+
+# --- a create as other processes see it ----------------------------------------------------------------
+def test_running_create_is_progressing_and_blocks_a_second_create(tmp_path, repo_path):
+    """While a create runs, other processes list it progressing with a partial Progress and a second create
+    of the disk fails at once with IncorrectDiskStatus.CreatingSnapshot (exit 4); then it is accomplished."""
+    image = write_random(tmp_path / "a.raw", 64 * MiB)
+    disk = cli_child("--repo", repo_path, "disk", "add", image).stdout.strip()
+    gate = str(tmp_path / "gate")
+    child = wrapped_cli(GATED_SCAN, gate, "2", "--repo", repo_path, "snapshot", "create", disk, "--json")
+    try:
+        def seen():
+            snaps = [s for s in listed(repo_path) if s["SourceDiskId"] == disk]
+            if snaps and snaps[0]["Status"] == "progressing" and snaps[0]["Progress"] != "0%":
+                return snaps
+            return None
+
+        snaps = poll(seen)
+        assert snaps, "the running create was never listed progressing with Progress above 0%"
+        (rec,) = snaps
+        pct = rec["Progress"]
+        assert pct.endswith("%") and 0 < int(pct[:-1]) < 100, pct
+
+        second = subprocess.run([sys.executable, "-m", "blocksnap", "--repo", repo_path, "snapshot", "create",
+                                 disk, "--json"], check=False, capture_output=True, text=True,
+                                env=child_env(), timeout=30)  # waiting for the disk lock would run into this
+        assert second.returncode == errors.EXIT_CONFLICT == 4, second.stderr
+        assert json.loads(second.stdout)["Error"]["Code"] == "IncorrectDiskStatus.CreatingSnapshot"
+        assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+        # Listing and the refused create did not turn the live create into a failed one.
+        assert [s["Status"] for s in listed(repo_path)] == ["progressing"]
+    finally:
+        open(gate, "w").close()
+        out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    assert json.loads(out)["SnapshotId"] == rec["SnapshotId"]
+    (done,) = listed(repo_path)
+    assert (done["Status"], done["Progress"]) == ("accomplished", "100%")
+    with Client(repo_path) as c:
+        assert restores_identical(c, tmp_path, rec["SnapshotId"], image)
+
+
+def test_deleting_the_parent_during_a_create_keeps_the_new_snapshot_whole(tmp_path, repo_path):
+    """Deleting the parent while a create of its disk runs defers reclamation, and the new snapshot, whose
+    unchanged chunks are the parent's, restores identical before and after gc."""
+    image = write_random(tmp_path / "a.raw", 64 * MiB)
+    with Client(repo_path) as c:
+        disk = c.add_disk(image)["DiskId"]
+        parent = c.create_snapshot(disk)["SnapshotId"]
+    write_random(image, MiB, offset=40 * MiB)
+    gate = str(tmp_path / "gate")
+    child = wrapped_cli(GATED_SCAN, gate, "2", "--repo", repo_path, "snapshot", "create", disk, "--json")
+    try:
+        running = poll(lambda: [s for s in listed(repo_path) if s["Status"] == "progressing"])
+        assert running, "the create was never seen progressing"
+        gone = cli_child("--repo", repo_path, "snapshot", "delete", parent, "--json")
+        assert gone.returncode == 0, gone.stderr
+        assert json.loads(gone.stdout)["ReclaimedBytes"] == 0  # the running create holds the repository
+    finally:
+        open(gate, "w").close()
+        out, err = child.communicate(timeout=120)
+    assert child.returncode == 0, err
+    sid = json.loads(out)["SnapshotId"]
+    with Client(repo_path) as c:
+        assert restores_identical(c, tmp_path, sid, image)
+        c.gc()
+        assert c.gc(dry_run=True)["DeadChunks"] == 0
+        assert db_keys(c, "chunks") == referenced_chunks(c)
+        assert restores_identical(c, tmp_path, sid, image)
+        out = c.verify()
+        assert out["Ok"] and out["Problems"] == []
+
+
+def test_listing_a_dead_create_does_not_make_a_new_create_fail(tmp_path, repo_path, monkeypatch):
+    """A listing that settles a dead create's record while a new create of that disk starts does not make
+    the new create fail with IncorrectDiskStatus.CreatingSnapshot."""
+    image = write_random(tmp_path / "a.raw", 4 * MiB)
+    disk = cli_child("--repo", repo_path, "disk", "add", image).stdout.strip()
+    dead = run_cli("--repo", repo_path, "snapshot", "create", disk,
+                   env={"PYTHONPATH": child_env()["PYTHONPATH"], "BLOCKSNAP_CRASHPOINT": "before-commit"})
+    assert dead.returncode == -9
+
+    # The lister is descheduled for 0.3 s while its probe holds the lock (a slow reader, made certain).
+    probing = threading.Event()
+
+    class SlowProbe(locks.FileLock):
+        def release(self):
+            if self._fd is not None:
+                probing.set()
+                time.sleep(0.3)
+            super().release()
+
+    monkeypatch.setattr(locks, "FileLock", SlowProbe)  # only is_held() builds locks through this name
+    with Client(repo_path) as lister, Client(repo_path) as creator:
+        t = threading.Thread(target=lister.describe_snapshots, kwargs={"sizes": False})
+        t.start()
+        try:
+            probing.wait(2)
+            sid = creator.create_snapshot(disk)["SnapshotId"]
+        finally:
+            t.join()
+        assert restores_identical(creator, tmp_path, sid, image)
+
+
+def test_two_disks_snapshotted_at_once_share_stored_data(tmp_path, repo_path):
+    """Two processes snapshotting two disks at the same time both succeed, both restore identical, and the
+    8 MiB both images hold is stored once even though both processes wrote it."""
+    shared = os.urandom(8 * MiB)
+    images = []
+    for name, at in (("a", 0), ("b", 8 * MiB)):
+        path = write_random(tmp_path / f"{name}.raw", 24 * MiB)
+        with open(path, "r+b") as f:
+            f.seek(at)
+            f.write(shared)
+        images.append(path)
+    disks = [cli_child("--repo", repo_path, "disk", "add", p).stdout.strip() for p in images]
+    marks = [str(tmp_path / f"indexing-{i}") for i in range(2)]
+    # Both hold before indexing until both got there: each has then written the shared chunks to its own
+    # pack, and the second to index them must find them indexed and give its copy back.
+    children = [wrapped_cli(INDEX_BARRIER, marks[i], ",".join(marks), "--repo", repo_path, "snapshot",
+                            "create", disks[i], "--json") for i in range(2)]
+    sids = []
+    for child in children:
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        sids.append(json.loads(out)["SnapshotId"])
+
+    with Client(repo_path) as c:
+        for sid, image in zip(sids, images):
+            assert restores_identical(c, tmp_path, sid, image)
+        out = c.verify()
+        assert out["Ok"] and out["Problems"] == []
+        unique = (16 + 16 + 8) * MiB
+        assert db_entries(c, "chunks") == unique // CHUNK
+        assert sum(snapshot(c, sid)["AddedBytes"] for sid in sids) == unique
+    data = 2 * 24 * MiB
+    packs = allocated(os.path.join(repo_path, "packs"))
+    assert packs < data - 0.8 * len(shared), (packs, data)
+
+
+# --- point in time -------------------------------------------------------------------------------------
+def _change_after(monkeypatch, image, windows, how):
+    """Make the scanner change ``image`` right after it read ``windows`` windows."""
+    orig = _native.Scanner.scan
+    calls = []
+
+    def scan(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == windows:
+            with open(image, "r+b") as f:
+                if how == "rewrite":
+                    f.seek(4096)
+                    f.write(os.urandom(4096))
+                elif how == "append":
+                    f.seek(0, os.SEEK_END)
+                    f.write(os.urandom(4096))
+                else:
+                    f.truncate(os.path.getsize(image) // 2)
+        return out
+
+    monkeypatch.setattr(_native.Scanner, "scan", scan)
+
+
+@pytest.mark.parametrize("how", ["rewrite", "append", "truncate"])
+def test_image_changed_while_read_fails_and_keeps_nothing(how, tmp_path, client, monkeypatch):
+    """An image written to while a create reads it fails the create with ImageChanged, lists the snapshot
+    failed and leaves no pack file and no chunk index entry behind; the earlier snapshot still restores."""
+    image = str(tmp_path / "a.raw")
+    with open(image, "wb") as f:
+        f.truncate(32 * MiB)
+    empty_saved = str(tmp_path / "empty.saved")
+    shutil.copyfile(image, empty_saved)
+    disk = client.add_disk(image)["DiskId"]
+    s1 = client.create_snapshot(disk)["SnapshotId"]  # all holes: stores nothing
+    write_random(image, 32 * MiB)
+    _change_after(monkeypatch, image, 1, how)
+
+    with pytest.raises(errors.ImageChanged) as info:
+        client.create_snapshot(disk)
+    assert isinstance(info.value, errors.CreateSnapshotFailed)
+    assert info.value.code == "CreateSnapshot.ImageChanged"
+    (failed,) = [s for s in client.describe_snapshots(disk)["Snapshots"]["Snapshot"] if s["SnapshotId"] != s1]
+    assert failed["Status"] == "failed"
+    assert failed["Error"]["Code"] == "CreateSnapshot.ImageChanged"
+    assert pack_files(client.repo.path) == []
+    assert [db_entries(client, db) for db in ("chunks", "packs", "reclaim")] == [0, 0, 0]
+    assert restores_identical(client, tmp_path, s1, empty_saved)
+
+
+def test_image_changed_after_packs_were_indexed_gives_them_back(tmp_path, client, monkeypatch):
+    """A create that already sealed and indexed packs when the image changed removes those packs and index
+    entries again; the previous snapshot restores identical and a create of the settled image succeeds."""
+    monkeypatch.setattr(chunkstore, "PACK_TARGET", 4 * MiB)  # a sealed, indexed pack per ~4 MiB
+    image = write_random(tmp_path / "a.raw", 32 * MiB)
+    a_saved = str(tmp_path / "a.saved")
+    shutil.copyfile(image, a_saved)
+    disk = client.add_disk(image)["DiskId"]
+    s1 = client.create_snapshot(disk)["SnapshotId"]
+    before = (pack_files(client.repo.path), db_keys(client, "chunks"), db_keys(client, "packs"))
+    write_random(image, 32 * MiB)
+    indexed = []
+    orig_index = backup._Create._index_pack
+
+    def index_pack(self, handed):
+        orig_index(self, handed)
+        indexed.append(db_entries(client, "chunks"))
+        if len(indexed) == 2:  # two packs are durable and indexed: now the image changes
+            with open(image, "r+b") as f:
+                f.write(os.urandom(4096))
+
+    monkeypatch.setattr(backup._Create, "_index_pack", index_pack)
+    with pytest.raises(errors.ImageChanged):
+        client.create_snapshot(disk)
+    assert len(indexed) >= 2 and indexed[1] > len(before[1])
+    assert (pack_files(client.repo.path), db_keys(client, "chunks"), db_keys(client, "packs")) == before
+    assert db_entries(client, "reclaim") == 0
+    assert restores_identical(client, tmp_path, s1, a_saved)
+
+    monkeypatch.undo()
+    b_saved = str(tmp_path / "b.saved")
+    shutil.copyfile(image, b_saved)
+    s3 = client.create_snapshot(disk)["SnapshotId"]
+    assert restores_identical(client, tmp_path, s3, b_saved)
+    out = client.verify()
+    assert out["Ok"] and out["Problems"] == []
+
+
+# --- a full file system --------------------------------------------------------------------------------
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 24 MiB tmpfs mounted for the test (skips when mounting is not allowed)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], check=False,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
+    try:
+        yield str(mnt)
+    finally:
+        for path in list(meta._envs):
+            if path.startswith(str(mnt)):
+                meta.close_env(path)
+        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_full_file_system_fails_create_with_no_space_and_recovers(tmp_path, small_fs):
+    """A create that fills the repository's file system fails with CreateSnapshot.NoSpace (exit 5, one line),
+    keeps nothing, leaves earlier snapshots intact, and the repository works again afterwards."""
+    repo = os.path.join(small_fs, "repo")
+    Client.init(repo, chunk_size=CHUNK)
+    small = write_random(tmp_path / "small.raw", 2 * MiB)
+    big = write_random(tmp_path / "big.raw", 64 * MiB)
+    with Client(repo) as c:
+        s1 = c.create_snapshot(c.add_disk(small)["DiskId"])["SnapshotId"]
+        big_disk = c.add_disk(big)["DiskId"]
+        used = allocated(os.path.join(repo, "packs"))
+
+        with pytest.raises(errors.NoSpace) as info:
+            c.create_snapshot(big_disk)
+        assert info.value.code == "CreateSnapshot.NoSpace"
+        assert allocated(os.path.join(repo, "packs")) == used
+
+    proc = cli_child("--repo", repo, "snapshot", "create", big_disk)
+    assert proc.returncode == errors.EXIT_FAILED == 5, proc.stderr
+    assert proc.stderr.startswith("blocksnap: error: CreateSnapshot.NoSpace: ")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+    with Client(repo) as c:
+        fails = c.describe_snapshots(big_disk)["Snapshots"]["Snapshot"]
+        assert [(s["Status"], s["Error"]["Code"]) for s in fails] == [("failed", errors.NoSpace.code)] * 2
+        assert allocated(os.path.join(repo, "packs")) == used
+        out = c.verify()
+        assert out["Ok"] and out["Problems"] == []
+        assert restores_identical(c, tmp_path, s1, small)
+        c.gc()
+        with open(big, "r+b") as f:  # the big image's data is gone; a small one fits again
+            f.truncate(4 * MiB)
+        s3 = c.create_snapshot(big_disk)["SnapshotId"]
+        assert restores_identical(c, tmp_path, s3, big)
+        out = c.verify()
+        assert out["Ok"] and out["Problems"] == []
+
+
+def test_full_file_system_at_registration_raises_no_space(tmp_path, small_fs):
+    """A create whose very first catalog write finds the file system full raises the typed NoSpace error."""
+    repo = os.path.join(small_fs, "repo")
+    Client.init(repo, chunk_size=CHUNK)
+    image = str(tmp_path / "sparse.raw")
+    with open(image, "wb") as f:
+        f.truncate(8 * MiB)
+    with Client(repo) as c:
+        disk = c.add_disk(image)["DiskId"]
+        with open(os.path.join(small_fs, "filler"), "wb") as f:  # someone else fills the file system
+            try:
+                while True:
+                    f.write(bytes(1 << 16))
+                    f.flush()
+            except OSError:
+                pass
+        with pytest.raises(errors.NoSpace):
+            c.create_snapshot(disk)
+
+
+# --- space ---------------------------------------------------------------------------------------------
+def test_gc_gives_back_space_of_deleted_snapshots(tmp_path, client):
+    """Deleting the first two of three snapshots while a reader holds the repository defers reclamation; gc
+    then shrinks the repository's allocated bytes and the last snapshot still restores identical."""
+    image = write_random(tmp_path / "a.raw", 16 * MiB)
+    disk = client.add_disk(image)["DiskId"]
+    sids = [client.create_snapshot(disk)["SnapshotId"]]
+    write_random(image, 8 * MiB, offset=0)
+    sids.append(client.create_snapshot(disk)["SnapshotId"])
+    write_random(image, 8 * MiB, offset=8 * MiB)
+    last_saved = str(tmp_path / "last.saved")
+    shutil.copyfile(image, last_saved)
+    sids.append(client.create_snapshot(disk)["SnapshotId"])
+    before = allocated(client.repo.path)
+
+    with client.repo.repo_lock() as reader:  # a restore in progress, as far as the locks know
+        reader.acquire(exclusive=False)
+        assert [client.delete_snapshot(sid)["ReclaimedBytes"] for sid in sids[:2]] == [0, 0]
+    plan = client.gc(dry_run=True)
+    assert plan["DeadChunks"] == 16 * MiB // CHUNK  # all of the first image; the second's half lives on
+    out = client.gc()
+    after = allocated(client.repo.path)
+    assert after <= before - 15 * MiB, (before, after)
+    assert out["FreedBytes"] >= 15 * MiB
+    assert restores_identical(client, tmp_path, sids[2], last_saved)
+    assert client.verify()["Ok"]
+
+
+def test_deleting_from_the_middle_of_a_chain_keeps_every_other_snapshot(tmp_path, client):
+    """Deleting snapshots from the middle of a 10-snapshot chain in random order keeps every remaining one
+    restorable, verifiable, and the chunk index holds exactly the chunks they reference."""
+    rng = random.Random(42)
+    image = write_random(tmp_path / "a.raw", 8 * MiB)
+    disk = client.add_disk(image)["DiskId"]
+    saved = {}
+    for i in range(10):
+        if i:
+            write_random(image, MiB, offset=rng.randrange(0, 7 * MiB, 4096))
+        copy = str(tmp_path / f"v{i}.saved")
+        shutil.copyfile(image, copy)
+        saved[client.create_snapshot(disk)["SnapshotId"]] = copy
+    chain = list(saved)
+    middle = chain[1:-1]
+    rng.shuffle(middle)
+    for sid in middle:
+        client.delete_snapshot(sid)
+        del saved[sid]
+        for left, copy in saved.items():
+            assert restores_identical(client, tmp_path, left, copy)
+        out = client.verify()
+        assert out["Ok"] and out["Problems"] == [], out
+        assert db_keys(client, "chunks") == referenced_chunks(client)
+    assert list(saved) == [chain[0], chain[-1]]
