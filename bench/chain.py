@@ -68,7 +68,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         with Client(long_repo) as c:
             disk = c.add_disk(img)["DiskId"]
-            for i in range(args.length):
+            for _ in range(args.length):
                 with open(img, "r+b") as f:  # a small guest write between snapshots
                     f.seek(rng.randrange(0, args.size // 4096) * 4096)
                     f.write(rng.randbytes(4096))
@@ -82,8 +82,8 @@ def main(argv=None):
         shutil.rmtree(work, ignore_errors=True)
     print(f"image {args.size // MiB} MiB; built a {args.length}-snapshot chain in {build:.1f} s "
           f"({build / args.length * 1000:.1f} ms per incremental)")
-    print(f"| newest snapshot of | restore (s) | describe (ms) | delete (ms) |")
-    print(f"|---|---|---|---|")
+    print("| newest snapshot of | restore (s) | describe (ms) | delete (ms) |")
+    print("|---|---|---|---|")
     print(f"| 1-snapshot chain | {short_r:.3f} | {short_d * 1000:.2f} | {short_x * 1000:.1f} |")
     print(f"| {args.length}-snapshot chain | {long_r:.3f} | {long_d * 1000:.2f} | {long_x * 1000:.1f} |")
     print(f"| ratio | {long_r / short_r:.2f} | {long_d / short_d:.2f} | {long_x / short_x:.2f} |")

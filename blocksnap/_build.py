@@ -23,9 +23,12 @@ def _cdef():
     return re.sub(r"^#define (\w+) (-?\d+).*$", r"#define \1 ...", body, flags=re.M)
 
 
-def _check_xxhash():
-    extra = os.environ.get("CPATH", "").split(":") + os.environ.get("C_INCLUDE_PATH", "").split(":")
-    for d in [p for p in extra if p] + XXHASH_HEADER_DIRS:
+def check_xxhash(dirs=None):
+    """Stop the build with an install hint when xxhash.h is nowhere to be found."""
+    if dirs is None:
+        extra = os.environ.get("CPATH", "").split(":") + os.environ.get("C_INCLUDE_PATH", "").split(":")
+        dirs = [p for p in extra if p] + XXHASH_HEADER_DIRS
+    for d in dirs:
         if os.path.exists(os.path.join(d, "xxhash.h")):
             return
     sys.exit(
@@ -34,7 +37,7 @@ def _check_xxhash():
     )
 
 
-_check_xxhash()
+check_xxhash()
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
 ffibuilder.set_source(

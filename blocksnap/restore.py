@@ -59,7 +59,6 @@ def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, s
     if rec["Status"] != ACCOMPLISHED:
         raise errors.IncorrectSnapshotStatus(f"(snapshot {snapshot_id} is {rec['Status']})")
     size = rec["SourceDiskSize"]
-    cs = repo.chunk_size
     lock = repo.repo_lock()
     lock.acquire(exclusive=False)
     try:

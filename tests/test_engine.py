@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import xxhash
 
 from blocksnap import errors
 from blocksnap.api import Client
@@ -194,10 +195,11 @@ def test_verify_reports_every_affected_snapshot_and_offset(client, make_image, r
     b = make_image("b.raw", MiB, [(2 * CS, block)])
     sa = snap(client, client.add_disk(a)["DiskId"])
     sb = snap(client, client.add_disk(b)["DiskId"])
-    [pack] = client.repo.packs.list_packs()
-    path = client.repo.packs.path(pack)
-    with open(path, "r+b") as f:
-        f.seek(os.path.getsize(path) - 100)
+    cat = client.repo.catalog
+    with cat.read() as txn:
+        entry = cat.get_chunk(txn, xxhash.xxh3_128_digest(block))
+    with open(client.repo.packs.path(entry[0]), "r+b") as f:
+        f.seek(entry[1] + 32 + 100)  # inside the stored bytes, past the record header
         f.write(b"\xff" * 10)
     out = client.verify()
     assert not out["Ok"]

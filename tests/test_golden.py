@@ -255,7 +255,7 @@ def test_chunk_index_and_pack_records_on_disk(snapped, repo_path):
 
 
 def test_pack_is_a_contiguous_run_of_records(snapped, repo_path):
-    """A pack file is its header followed by back-to-back records, one per indexed chunk, nothing else."""
+    """A pack file is its header, back-to-back records (one per indexed chunk), then zeros to a 4 KiB boundary."""
     client, _, _, _ = snapped
     cat = client.repo.catalog
     with cat.read() as txn:
@@ -266,7 +266,10 @@ def test_pack_is_a_contiguous_run_of_records(snapped, repo_path):
         assert offset == pos
         pos += 32 + stored_len
     path = os.path.join(repo_path, "packs", pack_id.hex()[:2], pack_id.hex() + ".pack")
-    assert os.path.getsize(path) == pos
+    assert os.path.getsize(path) == -(-pos // 4096) * 4096
+    with open(path, "rb") as f:
+        f.seek(pos)
+        assert f.read() == bytes(os.path.getsize(path) - pos)
 
 
 def test_disk_snaps_key_is_disk_id_and_big_endian_seq(snapped):
