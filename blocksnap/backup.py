@@ -24,7 +24,7 @@ import lmdb
 
 from . import _native, errors
 from .image.raw import RawImage
-from .repository import (ACCOMPLISHED, FAILED, PROGRESSING, map_lmdb_error, new_id, now_iso,
+from .repository import (ACCOMPLISHED, FAILED, PROGRESSING, map_lmdb_error, mark_failed, new_id, now_iso,
                          split_segments)
 from .store import chunks as chunkstore
 from .store import meta
@@ -154,18 +154,12 @@ class _Create:
                         return rec, None
                     # a failed first attempt: this retry takes the token over
             # Holding the disk lock, any progressing record of this disk is a dead create's.
+            for old in list(self.repo.disk_snapshots(txn, self.disk_id)):
+                if old["Status"] == PROGRESSING:
+                    mark_failed(old, errors.CreateSnapshotFailed(
+                        f"(the creating process, pid {old.get('Pid')}, ended before it finished)"))
+                    cat.put_json(txn, "snapshots", old["SnapshotId"], old)
             prefix = self.disk_id.encode()
-            with txn.cursor(db=cat.db["disk_snaps"]) as cur:
-                if cur.set_range(prefix):
-                    for key, sid in cur:
-                        if not key.startswith(prefix):
-                            break
-                        old = cat.get_json(txn, "snapshots", sid)
-                        if old and old["Status"] == PROGRESSING:
-                            old.update(Status=FAILED, LastModifiedTime=now_iso(),
-                                       Error={"Code": errors.CreateSnapshotFailed.code,
-                                              "Message": "the creating process ended before it finished"})
-                            cat.put_json(txn, "snapshots", old["SnapshotId"], old)
             parent = find_parent(self.repo, txn, self.disk_id)
             seq = cat.next_seq(txn)
             sid = new_id("s-")
@@ -409,14 +403,11 @@ class _Create:
             if pack_id not in self.sealed:
                 self.repo.packs.remove(pack_id)  # never indexed: nobody else can know it
         self.writer.abort()
-        code = getattr(exc, "code", errors.InternalError.code)
         try:
             with self.cat.write() as txn:
                 rec = self.cat.get_json(txn, "snapshots", self.rec["SnapshotId"])
                 if rec is not None:
-                    rec.update(Status=FAILED, LastModifiedTime=now_iso(),
-                               Error={"Code": code, "Message": str(exc)})
-                    rec.pop("Pid", None)
+                    mark_failed(rec, exc)
                     self.cat.put_json(txn, "snapshots", rec["SnapshotId"], rec)
                     self.rec = rec
         except lmdb.Error:

@@ -23,7 +23,7 @@ import lmdb
 from . import errors
 from ._native import hash128
 from .store import meta
-from .store.chunks import PackStore
+from .store.chunks import PackStore, fsync_dir
 from .store.locks import FileLock, is_held
 
 FORMAT_NAME = "blocksnap-repository"
@@ -60,12 +60,11 @@ def now_iso(ts=None):
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def mark_failed(rec, exc):
+    """Turn a snapshot record ``failed`` with the error that ended it."""
+    rec.update(Status=FAILED, LastModifiedTime=now_iso(),
+               Error={"Code": getattr(exc, "code", errors.InternalError.code), "Message": str(exc)})
+    rec.pop("Pid", None)
 
 
 def split_segments(map_bytes):
@@ -120,7 +119,7 @@ class Repository:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, os.path.join(path, "config"))  # the repository exists from here on
-        _fsync_dir(path)
+        fsync_dir(path)
         return cls(path, config)
 
     @classmethod
@@ -232,18 +231,23 @@ class Repository:
                 recs = list(cat.iter_json(txn, "snapshots"))
             else:
                 self.get_disk(disk_id, txn)
-                recs = []
-                prefix = disk_id.encode()
-                with txn.cursor(db=cat.db["disk_snaps"]) as cur:
-                    if cur.set_range(prefix):
-                        for key, sid in cur:
-                            if not key.startswith(prefix):
-                                break
-                            rec = cat.get_json(txn, "snapshots", sid)
-                            if rec is not None:
-                                recs.append(rec)
+                recs = list(self.disk_snapshots(txn, disk_id))
         recs.sort(key=lambda r: r["Seq"])
         return [self._settle(r) for r in recs]
+
+    def disk_snapshots(self, txn, disk_id):
+        """The snapshot records of one disk, oldest first (disk_snaps is ordered by sequence)."""
+        cat = self.catalog
+        prefix = disk_id.encode()
+        with txn.cursor(db=cat.db["disk_snaps"]) as cur:
+            if not cur.set_range(prefix):
+                return
+            for key, sid in cur:
+                if not key.startswith(prefix):
+                    break
+                rec = cat.get_json(txn, "snapshots", sid)
+                if rec is not None:
+                    yield rec
 
     def _settle(self, rec):
         """A progressing record whose creator died is failed: record that and return it."""
@@ -254,9 +258,8 @@ class Repository:
             cur = cat.get_json(txn, "snapshots", rec["SnapshotId"])
             if cur is None or cur["Status"] != PROGRESSING:
                 return cur or rec
-            cur.update(Status=FAILED, LastModifiedTime=now_iso(),
-                       Error={"Code": errors.CreateSnapshotFailed.code,
-                              "Message": f"the creating process (pid {cur.get('Pid')}) ended before it finished"})
+            mark_failed(cur, errors.CreateSnapshotFailed(
+                f"(the creating process, pid {cur.get('Pid')}, ended before it finished)"))
             cat.put_json(txn, "snapshots", cur["SnapshotId"], cur)
         return cur
 

@@ -22,6 +22,7 @@ from .repository import ACCOMPLISHED, ZERO_ID, map_lmdb_error
 from .store.chunks import ChunkDamaged
 
 BATCH_CHUNKS = 32
+RESTORE_WINDOW = 4096  # chunks located and ordered by pack at a time
 SPARSE_BLOCK = 4096
 
 
@@ -140,17 +141,23 @@ def _restore_into(repo, fd, fresh, ids, size, progress):
             done += clen
         return done
 
+    # The map is taken a window at a time; inside a window, chunks are read in pack order (each pack
+    # opened once, its records read front to back), which keeps a restore from a repository built by
+    # a long chain of small incrementals as fast as from one written at once. Memory stays bounded
+    # by the window, whatever the image size.
     written = 0
     with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="blocksnap-restore") as pool:
         pending = []
         with repo.catalog.read() as txn:
-            for first in range(0, n, BATCH_CHUNKS):
-                batch = _locate(repo, txn, ids, first, min(BATCH_CHUNKS, n - first))
-                pending.append(pool.submit(work, batch))
-                if len(pending) >= 4:
-                    written += pending.pop(0).result()
-                    if progress:
-                        progress(min(size, (first + 1) * cs), size)
+            for first in range(0, n, RESTORE_WINDOW):
+                located = _locate(repo, txn, ids, first, min(RESTORE_WINDOW, n - first))
+                located.sort(key=lambda t: (b"", 0) if t[2] is None else (t[2][0], t[2][1]))
+                for k in range(0, len(located), BATCH_CHUNKS):
+                    pending.append(pool.submit(work, located[k:k + BATCH_CHUNKS]))
+                    if len(pending) >= 4:
+                        written += pending.pop(0).result()
+                if progress:
+                    progress(min(size, (first + RESTORE_WINDOW) * cs), size)
         for fut in pending:
             written += fut.result()
     if progress:

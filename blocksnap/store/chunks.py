@@ -7,6 +7,7 @@ back by punching holes over dead records and unlinking packs with no live
 record. The interface (writer / read / reclaim / list / remove) is what a
 later object-store backend implements too.
 """
+import collections
 import errno
 import fcntl
 import mmap
@@ -64,6 +65,15 @@ def decode(codec, stored, raw_len):
     return out
 
 
+def fsync_dir(path):
+    """Make the names in a directory durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ChunkDamaged(Exception):
     """A stored chunk is missing, unreadable or does not hash to its id."""
 
@@ -89,17 +99,18 @@ class PackStore:
     def _fd(self, pack_id):
         # Each thread keeps its own descriptors, so evicting one can never close a descriptor
         # another thread is reading from.
-        cache = self._local.__dict__.setdefault("fds", {})
+        cache = self._local.__dict__.setdefault("fds", collections.OrderedDict())
         fd = cache.get(pack_id)
-        if fd is None:
-            if len(cache) >= FDS_PER_THREAD:
-                for old_pid, old in cache.items():
-                    self._close_fd(old, old_pid)
-                cache.clear()
-            fd = os.open(self.path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
-            with self._fds_lock:
-                self._all_fds[fd] = pack_id
-            cache[pack_id] = fd
+        if fd is not None:
+            cache.move_to_end(pack_id)
+            return fd
+        if len(cache) >= FDS_PER_THREAD:
+            old_pid, old = cache.popitem(last=False)  # least recently used
+            self._close_fd(old, old_pid)
+        fd = os.open(self.path(pack_id), os.O_RDONLY | os.O_CLOEXEC)
+        with self._fds_lock:
+            self._all_fds[fd] = pack_id
+        cache[pack_id] = fd
         return fd
 
     def _close_fd(self, fd, pack_id):
@@ -207,12 +218,8 @@ class PackStore:
         finally:
             os.close(fd)
         sub = os.path.dirname(self.path(pack_id))
-        for d in (sub, os.path.dirname(sub)):  # the file's name and its folder's name
-            dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        fsync_dir(sub)  # the file's name
+        fsync_dir(os.path.dirname(sub))  # its folder's name
 
     def disk_usage(self):
         """Bytes the packs occupy on disk (st_blocks), as ``du`` counts them."""
