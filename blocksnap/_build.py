@@ -11,8 +11,9 @@ from cffi import FFI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-SOURCES = ["hash.c", "scan.c", "punch.c", "write.c"]
-XXHASH_HEADER_DIRS = ["/usr/include", "/usr/local/include"]
+SOURCES = ["hash.c", "scan.c", "punch.c", "write.c", "entropy.c", "codec.c"]
+HEADER_DIRS = ["/usr/include", "/usr/local/include"]
+SYSTEM_HEADERS = [("xxhash.h", "libxxhash-dev"), ("zstd.h", "libzstd-dev")]
 
 
 def _cdef():
@@ -23,21 +24,21 @@ def _cdef():
     return re.sub(r"^#define (\w+) (-?\d+).*$", r"#define \1 ...", body, flags=re.M)
 
 
-def check_xxhash(dirs=None):
-    """Stop the build with an install hint when xxhash.h is nowhere to be found."""
+def check_headers(dirs=None):
+    """Stop the build with an install hint for every system header that is nowhere to be found."""
     if dirs is None:
         extra = os.environ.get("CPATH", "").split(":") + os.environ.get("C_INCLUDE_PATH", "").split(":")
-        dirs = [p for p in extra if p] + XXHASH_HEADER_DIRS
-    for d in dirs:
-        if os.path.exists(os.path.join(d, "xxhash.h")):
-            return
-    sys.exit(
-        "blocksnap: xxhash.h not found. The C core links the system xxhash library: "
-        "install it with 'apt-get install -y libxxhash-dev' (Debian/Ubuntu) and build again."
-    )
+        dirs = [p for p in extra if p] + HEADER_DIRS
+    missing = [(h, pkg) for h, pkg in SYSTEM_HEADERS
+               if not any(os.path.exists(os.path.join(d, h)) for d in dirs)]
+    if missing:
+        names = ", ".join(h for h, _ in missing)
+        pkgs = " ".join(pkg for _, pkg in missing)
+        sys.exit(f"blocksnap: {names} not found. The C core links the system libraries: install them with "
+                 f"'apt-get install -y {pkgs}' (Debian/Ubuntu) and build again.")
 
 
-check_xxhash()
+check_headers()
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
 ffibuilder.set_source(
@@ -45,7 +46,8 @@ ffibuilder.set_source(
     '#include "blocksnap.h"',
     sources=[os.path.relpath(os.path.join(CSRC, s), ROOT) for s in SOURCES],
     include_dirs=[os.path.relpath(CSRC, ROOT)],
-    libraries=["xxhash"],
+    depends=[os.path.relpath(os.path.join(CSRC, "blocksnap.h"), ROOT)],
+    libraries=["xxhash", "zstd", "m"],
     extra_compile_args=["-O3", "-std=c99", "-Wall", "-Wextra"],
 )
 

@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "(needs libxxhash-dev and a C compiler)."
     ) from exc
 
-ABI_VERSION = 1
+ABI_VERSION = 2
 ID_LEN = lib.BS_ID_LEN
 ZERO_ID = bytes(ID_LEN)
 
@@ -26,6 +26,8 @@ CHUNK_HOLE = lib.BS_CHUNK_HOLE
 CHUNK_ZERO = lib.BS_CHUNK_ZERO
 CHUNK_DATA = lib.BS_CHUNK_DATA
 CHUNK_CHANGED = lib.BS_CHUNK_CHANGED
+CODEC_RAW = lib.BS_CODEC_RAW
+CODEC_ZSTD = lib.BS_CODEC_ZSTD
 
 if lib.bs_abi_version() != ABI_VERSION:  # pragma: no cover
     raise errors.StaleBuild(found=lib.bs_abi_version(), expected=ABI_VERSION)
@@ -42,6 +44,10 @@ def _check(rc, err):
         raise OSError(err, os.strerror(err))
     if rc == lib.BS_ESHORT:
         raise ShortRead(_errno.EIO, "file shorter than expected")
+    if rc == lib.BS_EDATA:
+        raise ValueError("stored bytes do not decode to the chunk's length")
+    if rc == lib.BS_ENOMEM:
+        raise MemoryError("blocksnap C core: out of memory")
     raise ValueError(f"blocksnap C core rejected its arguments (status {rc})")
 
 
@@ -119,3 +125,45 @@ def pwrite_sparse(fd, data, offset, block_size=4096):
     """
     err = ffi.new("int *")
     _check(lib.bs_pwrite_sparse(fd, ffi.from_buffer(data), len(data), offset, block_size, err), err[0])
+
+
+def entropy_millibits(data):
+    """Sampled byte entropy of ``data`` in millibits per byte (8000 = random)."""
+    out = ffi.new("uint32_t *")
+    lib.bs_entropy_probe(ffi.from_buffer(data), len(data), out)
+    return out[0]
+
+
+class Codec:
+    """A zstd compression and decompression context (system libzstd) for one thread."""
+
+    def __init__(self, level):
+        ptr = lib.bs_codec_new(level)
+        if ptr == ffi.NULL:
+            raise MemoryError("blocksnap C core: cannot allocate a zstd context")
+        self._ptr = ffi.gc(ptr, lib.bs_codec_free)
+
+    def encode_chunks(self, buf, length, chunk_size, idx, skip_millibits):
+        """Encode chunks ``idx`` of a scanned window in place (see bs_encode_chunks).
+
+        Returns:
+            ``(codecs, lengths)``: per listed chunk its codec and the length of its stored bytes,
+            which now start at its slot ``buf[i*chunk_size:]``.
+        """
+        n = len(idx)
+        if n == 0:
+            return b"", []
+        codecs = ffi.new("uint8_t[]", n)
+        lens = ffi.new("uint32_t[]", n)
+        rc = lib.bs_encode_chunks(self._ptr, ffi.from_buffer(buf, require_writable=True), length, chunk_size,
+                                  ffi.new("uint32_t[]", idx), n, skip_millibits, codecs, lens)
+        _check(rc, 0)
+        return bytes(ffi.buffer(codecs, n)), list(lens)
+
+    def decode(self, codec_id, stored, raw_len):
+        """The raw bytes of one stored chunk. Raises ValueError when they do not decode."""
+        out = bytearray(raw_len)
+        rc = lib.bs_decode(self._ptr, codec_id, ffi.from_buffer(stored), len(stored),
+                           ffi.from_buffer(out, require_writable=True), raw_len)
+        _check(rc, 0)
+        return out

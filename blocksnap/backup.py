@@ -13,7 +13,6 @@ Pipeline (docs/FORMAT.md, "Write ordering"):
 A crash anywhere leaves committed snapshots intact; what the dead create
 wrote is unreferenced and gc (or the next failed-create cleanup) reclaims it.
 """
-import concurrent.futures
 import os
 import queue
 import signal
@@ -29,8 +28,8 @@ from .repository import (ACCOMPLISHED, FAILED, PROGRESSING, map_lmdb_error, mark
 from .store import chunks as chunkstore
 from .store import meta
 
-WINDOW_BYTES = 8 << 20
-BUFFERS = 4  # windows in flight: bounds memory at BUFFERS * WINDOW_BYTES
+WINDOW_BYTES = 4 << 20
+BUFFERS = 8  # windows in flight: bounds memory at BUFFERS * WINDOW_BYTES
 SCANNERS = 2
 PROGRESS_INTERVAL = 0.5  # seconds between Progress updates other processes can see
 
@@ -186,11 +185,13 @@ class _Create:
     def _scan_and_store(self, img, parent_map):
         """Run the pipeline over the whole image; returns the new chunk map.
 
-        Threads: two scanners (C core, GIL released) take windows in turn; this
-        thread records ids and picks the chunks to store; a pool of two
-        compresses them; one writer appends them to packs in order; one sealer
-        fsyncs each full pack and indexes it. A window's buffer returns to the
-        free list once the writer has written its last chunk.
+        Threads: two scanners take windows in turn and run the C core on each
+        (read, holes, zero check, XXH3-128, parent diff, then zstd of the
+        changed chunks in place), all with the GIL released; this thread
+        records ids and picks the chunks the repository lacks; one writer
+        appends them to packs; one sealer fsyncs each full pack and indexes
+        it. A window's buffer returns to the free list once the writer has
+        written its last chunk.
         """
         cs = self.cs
         per_window = max(WINDOW_BYTES // cs, 1)
@@ -219,6 +220,7 @@ class _Create:
 
         def scan_windows():
             scanner = _native.Scanner(cs, per_window)
+            codec = _native.Codec(chunkstore.ZSTD_LEVEL)
             while not stop.is_set():
                 with windows_lock:
                     nxt = next(windows, None)
@@ -229,10 +231,13 @@ class _Create:
                 if stop.is_set():
                     break
                 k = off // cs
-                res = scanner.scan(img.fd, off, length, buf, parent_map[16 * k:16 * (k + per_window)])
+                ids, flags, changed = scanner.scan(img.fd, off, length, buf,
+                                                   parent_map[16 * k:16 * (k + per_window)])
                 if not img.unchanged():
                     raise errors.ImageChanged(f"({img.path} changed while it was read)")
-                ready.put((off, length, buf, res))
+                # Compress the changed chunks here too, in place, still without the GIL.
+                encoded = codec.encode_chunks(buf, length, cs, changed, chunkstore.INCOMPRESSIBLE_MILLIBITS)
+                ready.put((off, length, buf, (ids, flags, changed), encoded))
             ready.put(None)
 
         def write_chunks():
@@ -240,11 +245,10 @@ class _Create:
                 item = to_write.get()
                 if item is None:
                     break
-                buf, chunk_jobs = item
-                for cid, raw_len, fut in chunk_jobs:
+                buf, picked = item
+                for cid, raw_len, codec, stored in picked:
                     if stop.is_set():
                         return
-                    codec, stored = fut.result()
                     if self.writer.add(cid, codec, stored, raw_len):
                         to_seal.put(self.writer.detach())
                 free.put(buf)
@@ -266,7 +270,6 @@ class _Create:
                     for i in range(SCANNERS)]
         writer = threading.Thread(target=guarded(write_chunks), name="blocksnap-write", daemon=True)
         sealer = threading.Thread(target=guarded(seal_packs), name="blocksnap-seal", daemon=True)
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="blocksnap-zstd")
         for t in scanners + [writer, sealer]:
             t.start()
         try:
@@ -276,11 +279,10 @@ class _Create:
                 if item is None:
                     finished += 1
                     continue
-                off, length, buf, (ids, flags, changed) = item
+                off, length, buf, (ids, flags, changed), encoded = item
                 k = off // cs
                 new_map[16 * k:16 * k + len(ids)] = ids
-                jobs = self._pick_new_chunks(pool, buf, length, ids, flags, changed)
-                to_write.put((buf, jobs))
+                to_write.put((buf, self._pick_new_chunks(buf, length, ids, flags, changed, encoded)))
                 self.stats.scanned += length
                 self._report(img.size)
                 _crashpoint("mid-scan")
@@ -295,27 +297,29 @@ class _Create:
             writer.join()
             to_seal.put(None)
             sealer.join()
+            if not stop.is_set():
+                self.writer.close()
             for t in scanners:
                 t.join()
-            pool.shutdown(wait=True)
         if failures:
             raise failures[0]
         return bytes(new_map)
 
-    def _pick_new_chunks(self, pool, buf, length, ids, flags, changed):
-        """Count a scanned window; start compressing its chunks that the repository lacks."""
+    def _pick_new_chunks(self, buf, length, ids, flags, changed, encoded):
+        """Count a scanned window; returns its chunks the repository lacks: ``[(id, length, codec, bytes)]``."""
         cs = self.cs
         st = self.stats
         data_chunks = flags.count(_native.CHUNK_DATA) + flags.count(_native.CHUNK_DATA | _native.CHUNK_CHANGED)
         st.logical += data_chunks * cs
         if flags and flags[-1] & _native.CHUNK_DATA and length % cs:
             st.logical -= cs - length % cs
-        jobs = []
+        picked = []
         if not changed:
-            return jobs
+            return picked
         mv = memoryview(buf)
+        codecs, stored_lens = encoded
         with self.cat.read() as txn:
-            for i in changed:
+            for i, codec, stored_len in zip(changed, codecs, stored_lens):
                 cid = ids[16 * i:16 * i + 16]
                 clen = min(cs, length - i * cs)
                 st.changed += clen
@@ -323,8 +327,8 @@ class _Create:
                 if cid in self.pending or self.cat.get_chunk(txn, cid) is not None:
                     continue
                 self.pending.add(cid)
-                jobs.append((cid, clen, pool.submit(chunkstore.encode, mv[i * cs:i * cs + clen])))
-        return jobs
+                picked.append((cid, clen, codec, mv[i * cs:i * cs + stored_len]))
+        return picked
 
     def _index_pack(self, handed):
         """Make a finished pack durable, then index its chunks at refcount 0 (one transaction)."""

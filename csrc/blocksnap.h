@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
-#define BS_ABI_VERSION 1
+#define BS_ABI_VERSION 2
 
 #define BS_OK 0
 #define BS_EINVAL -1 /* an argument is out of range; nothing was written */
@@ -83,6 +83,47 @@ int bs_punch_hole(int fd, uint64_t offset, uint64_t length, int *err_out);
  */
 int bs_pwrite_sparse(int fd, const uint8_t *data, size_t len, uint64_t offset,
                      uint32_t block_size, int *err_out);
+/*
+ * bs_entropy_probe: an estimate of how compressible data[0:len) is, as the
+ * Shannon entropy in millibits per byte (0..8000) of a byte histogram over a
+ * sample: up to 32 pieces of 256 bytes spread evenly over the buffer (the
+ * whole buffer when it is shorter than 8 KiB). Random or already compressed
+ * data measures close to 8000; text around 4000-5500. Always BS_OK.
+ */
+int bs_entropy_probe(const uint8_t *data, size_t len, uint32_t *millibits_out);
+/* Chunk codecs, as stored in pack records. */
+#define BS_CODEC_RAW 0
+#define BS_CODEC_ZSTD 1
+#define BS_EDATA -4 /* stored bytes do not decode to the expected length */
+#define BS_ENOMEM -5
+
+typedef struct bs_codec bs_codec;
+
+/* bs_codec_new: a compression and decompression context for one thread; NULL when out of memory. */
+bs_codec *bs_codec_new(int level);
+void bs_codec_free(bs_codec *codec);
+
+/*
+ * bs_encode_chunks: encode, in place, the chunks idx[0:n] of a window laid
+ * out as bs_scan leaves it (chunk i at buf + i*chunk_size, the window
+ * length bytes long). A chunk whose sampled entropy is at least
+ * skip_millibits (bs_entropy_probe), or that zstd cannot shrink by 1/32, is
+ * left as it is: codec_out[k] = BS_CODEC_RAW, len_out[k] = its length.
+ * Otherwise its compressed form (a zstd frame without content size)
+ * replaces the first len_out[k] bytes of its slot and codec_out[k] =
+ * BS_CODEC_ZSTD. BS_ENOMEM or BS_EINVAL leave the window partly encoded.
+ */
+int bs_encode_chunks(bs_codec *codec, uint8_t *buf, uint64_t length, uint32_t chunk_size,
+                     const uint32_t *idx, uint32_t n, uint32_t skip_millibits,
+                     uint8_t *codec_out, uint32_t *len_out);
+
+/*
+ * bs_decode: the raw bytes of one stored chunk into dst (dst_len bytes,
+ * the chunk's raw length). BS_EDATA when src does not decode to exactly
+ * dst_len bytes (damage), BS_EINVAL for an unknown codec.
+ */
+int bs_decode(bs_codec *codec, int codec_id, const uint8_t *src, size_t src_len,
+              uint8_t *dst, size_t dst_len);
 /* CDEF-END */
 
 #endif

@@ -8,6 +8,7 @@ record. The interface (writer / read / reclaim / list / remove) is what a
 later object-store backend implements too.
 """
 import collections
+import concurrent.futures
 import errno
 import fcntl
 import mmap
@@ -16,8 +17,6 @@ import secrets
 import struct
 import threading
 
-import zstandard
-
 from .. import _native
 
 PACK_MAGIC = b"BSPACK\x00\x01"
@@ -25,44 +24,51 @@ PACK_HEADER = struct.Struct(">8s8s")  # magic, pack id
 RECORD_MAGIC = b"BSCK"
 # magic(4) codec(1) reserved(3) raw_len(4) stored_len(4) chunk id(16)
 RECORD = struct.Struct(">4sB3xII16s")
-CODEC_RAW = 0
-CODEC_ZSTD = 1
+CODEC_RAW = _native.CODEC_RAW
+CODEC_ZSTD = _native.CODEC_ZSTD
 ZSTD_LEVEL = 1
+INCOMPRESSIBLE_MILLIBITS = 7600  # sampled entropy above which zstd is not tried
 PACK_TARGET = 64 << 20  # seal a pack once it holds this many bytes
 BLOCK = 4096  # punching frees whole blocks only
 FDS_PER_THREAD = 64
 STAGE_BYTES = 4 << 20  # a pack is written in pieces of this size
+STAGES = 2  # staging buffers per writer
 
 _tls = threading.local()
 
 
+def codec():
+    """This thread's zstd context (contexts are not shared between threads)."""
+    ctx = getattr(_tls, "codec", None)
+    if ctx is None:
+        ctx = _tls.codec = _native.Codec(ZSTD_LEVEL)
+    return ctx
+
+
 def encode(data):
-    """``(codec, stored bytes)`` for a chunk: zstd level 1 unless that saves under 1/32."""
-    comp = getattr(_tls, "zc", None)
-    if comp is None:
-        comp = _tls.zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=False)
-    out = comp.compress(data)
-    if len(out) > len(data) - (len(data) >> 5):
-        return CODEC_RAW, data  # the caller writes it before reusing the buffer
-    return CODEC_ZSTD, out
+    """``(codec, stored bytes)`` for one chunk: zstd level 1 unless that saves under 1/32.
+
+    Data whose sampled byte entropy is near 8 bits (random, encrypted, already
+    compressed) is stored raw without trying. The create pipeline encodes whole
+    windows in place with the same rules (``Codec.encode_chunks``).
+    """
+    buf = bytearray(data)
+    codecs, lens = codec().encode_chunks(buf, len(buf), max(len(buf), 1), [0] if buf else [],
+                                         INCOMPRESSIBLE_MILLIBITS)
+    if not buf:
+        return CODEC_RAW, b""
+    return codecs[0], bytes(buf[:lens[0]])
 
 
-def decode(codec, stored, raw_len):
+def decode(codec_id, stored, raw_len):
     """The chunk's bytes from its stored form (raises ValueError on garbage)."""
-    if codec == CODEC_RAW:
+    if codec_id == CODEC_RAW:
+        if len(stored) != raw_len:
+            raise ValueError("stored length differs from the index")
         return stored
-    if codec != CODEC_ZSTD:
-        raise ValueError(f"unknown codec {codec}")
-    dec = getattr(_tls, "zd", None)
-    if dec is None:
-        dec = _tls.zd = zstandard.ZstdDecompressor()
-    try:
-        out = dec.decompress(stored, max_output_size=raw_len)
-    except zstandard.ZstdError as exc:
-        raise ValueError(f"zstd: {exc}") from exc
-    if len(out) != raw_len:
-        raise ValueError("decompressed length differs from the index")
-    return out
+    if codec_id != CODEC_ZSTD:
+        raise ValueError(f"unknown codec {codec_id}")
+    return codec().decode(codec_id, stored, raw_len)
 
 
 def fsync_dir(path):
@@ -232,6 +238,12 @@ class PackStore:
         return total
 
 
+def _write_all(fd, stage, length, offset):
+    done = os.pwrite(fd, memoryview(stage)[:length], offset)
+    if done != length:  # a short write only happens when the file system is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
 class PackWriter:
     """Appends chunk records to fresh pack files of one writer.
 
@@ -254,9 +266,15 @@ class PackWriter:
         self._fd = None
         self._offset = 0  # logical end of the pack's records
         self._records = []  # (chunk_id, offset, stored_len, raw_len, codec)
-        self._stage = mmap.mmap(-1, STAGE_BYTES)  # page aligned, as O_DIRECT needs
-        self._staged = 0  # bytes in the staging buffer
-        self._flushed = 0  # file offset where the staging buffer starts
+        # Page-aligned staging buffers (O_DIRECT needs the alignment): one fills while the others
+        # wait for or are in the I/O thread's write, so device writes overlap everything else.
+        self._stages = [mmap.mmap(-1, STAGE_BYTES) for _ in range(STAGES)]
+        self._inflight = [None] * STAGES  # the pending write of each staging buffer
+        self._cur = 0
+        self._stage = self._stages[0]
+        self._staged = 0  # bytes in the current staging buffer
+        self._flushed = 0  # file offset where the current staging buffer starts
+        self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksnap-packio")
         self.written = []  # ids of every pack this writer created
 
     def _open(self):
@@ -285,11 +303,22 @@ class PackWriter:
                 self._flush(STAGE_BYTES)
 
     def _flush(self, length):
-        done = os.pwrite(self._fd, memoryview(self._stage)[:length], self._flushed)
-        if done != length:  # a short write only happens when the file system is full
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        """Start writing the current staging buffer; continue in the other one."""
+        self._inflight[self._cur] = self._io.submit(_write_all, self._fd, self._stage, length, self._flushed)
         self._flushed += length
         self._staged = 0
+        self._cur = (self._cur + 1) % STAGES
+        self._stage = self._stages[self._cur]
+        self._wait(self._cur)  # its previous write must be done before it is refilled
+
+    def _wait(self, which):
+        fut, self._inflight[which] = self._inflight[which], None
+        if fut is not None:
+            fut.result()  # raises the write's OSError (ENOSPC) here
+
+    def _drain(self):
+        for which in range(STAGES):
+            self._wait(which)
 
     def add(self, chunk_id, codec, stored, raw_len):
         """Append one encoded chunk. Returns True when the pack is full and should be detached."""
@@ -313,6 +342,7 @@ class PackWriter:
             padded = -(-self._staged // BLOCK) * BLOCK
             self._stage[self._staged:padded] = bytes(padded - self._staged)
             self._flush(padded)
+        self._drain()
         out = (self.pack_id, self._fd, self._offset, self._records)
         self._fd, self._records, self._offset = None, [], 0
         return out
@@ -327,8 +357,17 @@ class PackWriter:
 
     def abort(self):
         """Close without sealing (the pack stays for gc, or for the caller to remove)."""
+        try:
+            self._drain()
+        except OSError:
+            pass  # the pack is being abandoned anyway
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
         self._records = []
         self._staged = 0
+        self.close()
+
+    def close(self):
+        """Stop the I/O thread (after ``detach`` or ``abort``)."""
+        self._io.shutdown(wait=True)
