@@ -116,17 +116,38 @@ class Bench:
 
     def _prepare(self, warm):
         if not self.cold:
+            # Same memory state for every tool whatever ran before it: write back, drop the clean
+            # page cache (otherwise the first tool to write after others filled memory pays for the
+            # kernel's reclaim, which made the run order decide restore times), then read this
+            # step's inputs so that they are cached.
+            os.sync()
+            self._drop_caches()
             for path in warm or ():
                 warm_read(path)
         os.sync()
         if not self.cold:
             return
+        self._drop_caches()
+
+    @staticmethod
+    def _warm_program(argv, env):
+        """Start the program once, untimed, so its own files (a Go binary, or an interpreter and its
+        modules) are cached like the step's inputs: dropping the cache must not cost the Python tools
+        their imports while a static binary pays one read."""
+        prog = os.path.basename(argv[0])
+        probe = [argv[0], "version"] if prog == "restic" else [argv[0], "--version"]
+        if prog.startswith("python"):
+            probe = argv[:3] + ["--version"] if argv[1:2] == ["-c"] else [argv[0], "--version"]
+        subprocess.run(probe, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       stdin=subprocess.DEVNULL, check=False)
+
+    def _drop_caches(self):
         try:
             with open("/proc/sys/vm/drop_caches", "w") as f:
                 f.write("3\n")
         except OSError as exc:
             if not self._cold_warned:
-                self.log(f"WARNING: --cold: cannot drop the page cache ({exc}); caches stay warm")
+                self.log(f"WARNING: cannot drop the page cache ({exc}); run order may skew times")
                 self._cold_warned = True
 
     def measure_floor(self):
@@ -144,12 +165,14 @@ class Bench:
         The record has wall_s (spawn to reap), maxrss_kib (the command's own peak from GNU time,
         else ``ru_maxrss`` from ``os.wait4``), rc, stdout and stderr.
         """
-        if timed:
-            self._prepare(warm)
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
         argv = [str(a) for a in argv]
+        if timed:
+            self._prepare(warm)
+            if not self.cold:
+                self._warm_program(argv, full_env)
         rss_file = None
         launch = argv
         if self.time_cmd:
