@@ -263,15 +263,25 @@ def test_missing_image_fails_cleanly(client, make_image):
         client.add_disk("nope.raw")
 
 
-def test_unreadable_image_fails_cleanly(client, make_image):
-    """An image the process may not read gives InvalidImage.Unreadable (run as a non-root child)."""
-    if os.getuid() != 0:
-        pytest.skip("needs root to drop privileges in a child")
-    img = make_image("a.raw", MiB, [(0, b"x")])
-    os.chmod(img, 0o000)
-    # root reads anything; check the code path with a directory instead, and EACCES via a child
+def test_directory_is_not_an_image(client, tmp_path):
+    """A path that is neither a regular file nor a block device is InvalidImage.Unsupported."""
+    (tmp_path / "adir").mkdir()
     with pytest.raises(errors.ImageUnsupported):
-        client.add_disk(os.path.dirname(img))
+        client.add_disk(str(tmp_path / "adir"))
+
+
+def test_unreadable_image_fails_cleanly(repo_path):
+    """An image whose reads fail (EIO) is InvalidImage.Unreadable: one line, exit 5, nothing registered.
+
+    /proc/self/mem is a regular file whose offset 0 is never mapped, so reading it fails for any user,
+    root included (root reads past file permissions, so a chmod cannot make the case).
+    """
+    proc = run_cli("--repo", repo_path, "disk", "add", "/proc/self/mem")
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stderr.startswith("blocksnap: error: InvalidImage.Unreadable") and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    with Client(repo_path) as c:
+        assert c.describe_disks()["TotalCount"] == 0
 
 
 def test_cli_round_trip_and_json_shapes(repo_path, make_image):

@@ -30,7 +30,9 @@ REFERENCE = {
     "CreateSnapshot.Failed": ({400, 403}, "The process of creating snapshot is failed."),
     "InvalidSnapshotCategory.Malformed": ({403}, "The specified Category is not valid."),
 }
-REFERENCE_DIR = "/work/shared/reference"
+# shared/ lies beside the checkout (as for a developer, and for CI beside its clone).
+REFERENCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "shared", "reference")
 
 
 def by_code(code):
