@@ -82,3 +82,25 @@ def files_equal(a, b):
                 return False
             if not x:
                 return True
+
+
+def write_random(path, size, offset=0):
+    """Write ``size`` random bytes at ``offset`` of ``path`` (created if absent), in place."""
+    mode = "r+b" if os.path.exists(path) else "wb"
+    with open(path, mode) as f:
+        f.seek(offset)
+        left = size
+        while left:
+            n = min(left, 8 * MiB)
+            f.write(os.urandom(n))
+            left -= n
+    return str(path)
+
+
+def allocated(path):
+    """Bytes the files under ``path`` occupy on disk (sum of st_blocks * 512, as du counts)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total

@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import MiB, files_equal, run_cli
+from conftest import MiB, allocated, files_equal, run_cli, write_random
 
 import blocksnap
 from blocksnap import _native, backup, errors
@@ -77,25 +77,8 @@ backup._Create._index_pack = index_pack
 """
 
 
-def write_random(path, size, offset=0):
-    mode = "r+b" if os.path.exists(path) else "wb"
-    with open(path, mode) as f:
-        f.seek(offset)
-        left = size
-        while left:
-            n = min(left, 8 * MiB)
-            f.write(os.urandom(n))
-            left -= n
-    return str(path)
 
 
-def allocated(path):
-    """Bytes the files under ``path`` occupy on disk (sum of st_blocks * 512, as du counts)."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total
 
 
 def pack_files(repo_path):

@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import MiB, files_equal
+from conftest import MiB, allocated, files_equal, write_random
 
 import blocksnap
 from blocksnap.api import Client
@@ -50,17 +50,6 @@ def finish(proc, timeout=120):
     return proc.returncode, out, err
 
 
-def write_random(path, size, offset=0):
-    """Write ``size`` random bytes at ``offset`` of ``path`` (created if absent), in place."""
-    mode = "r+b" if os.path.exists(path) else "wb"
-    with open(path, mode) as f:
-        f.seek(offset)
-        left = size
-        while left:
-            n = min(left, 8 * MiB)
-            f.write(os.urandom(n))
-            left -= n
-    return str(path)
 
 
 def put_content(image, saved):
@@ -70,13 +59,6 @@ def put_content(image, saved):
         dst.truncate()
 
 
-def allocated(path):
-    """Bytes the files under ``path`` occupy on disk (sum of st_blocks * 512, as du counts)."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            total += os.lstat(os.path.join(root, name)).st_blocks * 512
-    return total
 
 
 def reopen(path):

@@ -33,12 +33,6 @@ def record(client, sid):
     return client.describe_snapshots(snapshot_ids=[sid])["Snapshots"]["Snapshot"][0]
 
 
-def allocated(path):
-    total = 0
-    for root, _, names in os.walk(path):
-        for n in names:
-            total += os.lstat(os.path.join(root, n)).st_blocks * 512
-    return total
 
 
 def test_first_snapshot_stores_only_nonzero_chunks(client, make_image):
