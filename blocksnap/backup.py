@@ -403,10 +403,10 @@ class _Create:
 
     def _fail(self, exc, repo_lock):
         """Mark the snapshot failed and give back what it wrote, as far as that is safe now."""
+        self.writer.abort()
         for pack_id in self.writer.written:
             if pack_id not in self.sealed:
                 self.repo.packs.remove(pack_id)  # never indexed: nobody else can know it
-        self.writer.abort()
         try:
             with self.cat.write() as txn:
                 rec = self.cat.get_json(txn, "snapshots", self.rec["SnapshotId"])
