@@ -13,6 +13,7 @@ Pipeline (docs/FORMAT.md, "Write ordering"):
 A crash anywhere leaves committed snapshots intact; what the dead create
 wrote is unreferenced and gc (or the next failed-create cleanup) reclaims it.
 """
+import errno
 import os
 import queue
 import signal
@@ -111,6 +112,7 @@ class _Create:
         self.indexed = []  # ids this create indexed (refcount 0 until commit)
         self.sealed = set()  # packs this create indexed
         self.rec = None
+        self.skipped = 0  # bytes of whole-window holes never handed to the C core
         self._last_progress = 0.0
 
     # --- the phases ----------------------------------------------------------------------------------
@@ -197,7 +199,7 @@ class _Create:
         per_window = max(WINDOW_BYTES // cs, 1)
         window = per_window * cs
         new_map = bytearray(16 * -(-img.size // cs))
-        windows = iter([(off, min(window, img.size - off)) for off in range(0, img.size, window)])
+        windows = self._data_windows(img, window)
         windows_lock = threading.Lock()
         free = queue.Queue()
         for _ in range(BUFFERS):
@@ -305,6 +307,29 @@ class _Create:
             raise failures[0]
         return bytes(new_map)
 
+    def _data_windows(self, img, window):
+        """Windows ``(offset, length)`` that hold data; whole windows inside holes are skipped here.
+
+        Their map entries stay zero (holes), so a sparse 1 TiB image costs the C core only its
+        data. Skipped bytes count as scanned for Progress. Not thread-safe: callers hold a lock.
+        """
+        size, off = img.size, 0
+        while off < size:
+            try:
+                data = os.lseek(img.fd, off, os.SEEK_DATA)
+                hole = os.lseek(img.fd, data, os.SEEK_HOLE)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # nothing but a hole up to the end
+                    data = hole = size
+                else:  # no SEEK_DATA here (a block device): everything is data
+                    data, hole = off, size
+            start = max(off, data // window * window)
+            end = min(size, -(-min(hole, size) // window) * window)
+            self.skipped += start - off  # only this generator writes it
+            for w in range(start, end, window):
+                yield w, min(window, size - w)
+            off = max(end, start + window) if end <= start else end
+
     def _pick_new_chunks(self, buf, length, ids, flags, changed, encoded):
         """Count a scanned window; returns its chunks the repository lacks: ``[(id, length, codec, bytes)]``."""
         cs = self.cs
@@ -373,7 +398,7 @@ class _Create:
     # --- progress and failure ------------------------------------------------------------------------
     def _report(self, total):
         if self.progress:
-            self.progress(self.stats.scanned, total)
+            self.progress(self.stats.scanned + self.skipped, total)
         now = time.monotonic()
         if now - self._last_progress >= PROGRESS_INTERVAL:
             with self.cat.write() as txn:
@@ -382,7 +407,7 @@ class _Create:
     def _progress_record(self, txn):
         self._last_progress = time.monotonic()
         size = self.rec["SourceDiskSize"] or 1
-        self.rec["Progress"] = f"{min(99, self.stats.scanned * 100 // size)}%"
+        self.rec["Progress"] = f"{min(99, (self.stats.scanned + self.skipped) * 100 // size)}%"
         cur = self.cat.get_json(txn, "snapshots", self.rec["SnapshotId"])
         if cur is not None:
             cur["Progress"] = self.rec["Progress"]
