@@ -146,6 +146,8 @@ class Repository:
             version = int(config["Version"])
             chunk_size = int(config["ChunkSize"])
         except (ValueError, KeyError, TypeError, AttributeError):
+            if os.path.isdir(os.path.join(path, "catalog")):  # ours, with its config damaged
+                raise errors.RepositoryDamaged(f"({path}: config is unreadable)") from None
             raise errors.RepositoryNotFound(f"({path}: config is not a blocksnap repository config)") from None
         if version > FORMAT_VERSION:
             raise errors.RepositoryVersionUnsupported(found=version, supported=FORMAT_VERSION)

@@ -64,7 +64,10 @@ def make_image(tmp_path):
 
 def run_cli(*args, env=None, check=False, input=None):
     """Run ``python -m blocksnap ARGS`` in a child process; returns CompletedProcess (text)."""
-    full_env = dict(os.environ)
+    import blocksnap
+
+    # The child imports the same blocksnap as this process (source tree or installed package).
+    full_env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(blocksnap.__file__)))
     if env:
         full_env.update(env)
     proc = subprocess.run([sys.executable, "-m", "blocksnap", *args], capture_output=True, text=True,

@@ -372,3 +372,19 @@ def test_whole_window_holes_never_reach_the_c_core(client, make_image, monkeypat
         f.seek(size - 100)
         assert f.read() == b"tail of the disk" + bytes(84)
     assert os.stat("big.out").st_blocks * 512 < 4 * MiB
+
+
+def test_damaged_catalog_and_config_are_reported_not_crashed(client, make_image, repo_path):
+    """A catalog whose meta pages are overwritten, or a garbled config, is Repository.Damaged in one line."""
+    img = make_image("a.raw", MiB, [(0, rand(MiB, 21))])
+    snap(client, client.add_disk(img)["DiskId"])
+    client.close()
+    meta.close_env(os.path.join(repo_path, "catalog"))
+    with open(os.path.join(repo_path, "catalog", "data.mdb"), "r+b") as f:
+        f.write(bytes(8192))  # both LMDB meta pages
+    proc = run_cli("--repo", repo_path, "verify")
+    assert proc.returncode == 1 and "Repository.Damaged" in proc.stderr and "Traceback" not in proc.stderr
+    with open(os.path.join(repo_path, "config"), "w") as f:
+        f.write("{not json")
+    proc = run_cli("--repo", repo_path, "snapshot", "list")
+    assert proc.returncode == 1 and "Repository.Damaged" in proc.stderr and "Traceback" not in proc.stderr
