@@ -20,8 +20,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from blocksnap.api import Client  # noqa: E402
-from workload import make_image, parse_size  # noqa: E402
+from workload import make_image, parse_size
+
+from blocksnap.api import Client
 
 MiB = 1 << 20
 

@@ -33,7 +33,7 @@ BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(BENCH_DIR)
 sys.path.insert(0, BENCH_DIR)
 
-import workload  # noqa: E402
+import workload
 
 MiB = 1 << 20
 TOOLS = ("blocksnap", "restic", "borg", "ref")

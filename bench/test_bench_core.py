@@ -12,9 +12,8 @@ import itertools
 import os
 import subprocess
 
-import pytest
-
 import peers
+import pytest
 import workload
 
 MiB = 1 << 20

@@ -15,7 +15,7 @@ import uuid
 
 from . import backup, errors, restore
 from .image import raw
-from .repository import DEFAULT_CHUNK_SIZE, ACCOMPLISHED, Repository, default_repo_path
+from .repository import ACCOMPLISHED, DEFAULT_CHUNK_SIZE, Repository, default_repo_path
 from .store import gc
 
 MAX_TAGS = 20
@@ -28,7 +28,7 @@ def request_id():
 
 
 def _has_url(text):
-    return text.startswith("http://") or text.startswith("https://")
+    return text.startswith(("http://", "https://"))
 
 
 def validate_snapshot_name(name):
@@ -85,7 +85,7 @@ def validate_tags(tags):
     for item in tags:
         key, value = (item.get("Key"), item.get("Value", "")) if isinstance(item, dict) else item
         if (not isinstance(key, str) or not 1 <= len(key) <= 128 or "http://" in key or "https://" in key
-                or key.startswith("aliyun") or key.startswith("acs:")):
+                or key.startswith(("aliyun", "acs:"))):
             raise errors.InvalidTagKeyMalformed(f"({key!r})")
         value = "" if value is None else value
         if not isinstance(value, str) or len(value) > 128 or "http://" in value or "https://" in value:

@@ -24,8 +24,7 @@ import lmdb
 
 from . import _native, errors
 from .image.raw import RawImage
-from .repository import (ACCOMPLISHED, FAILED, PROGRESSING, map_lmdb_error, mark_failed, new_id, now_iso,
-                         split_segments)
+from .repository import ACCOMPLISHED, FAILED, PROGRESSING, map_lmdb_error, mark_failed, new_id, now_iso, split_segments
 from .store import chunks as chunkstore
 from .store import meta
 

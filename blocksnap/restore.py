@@ -262,6 +262,7 @@ def _check_refcounts(repo, txn, maps):
     with txn.cursor(db=cat.db["chunks"]) as cur:
         for key, val in cur:
             rc = int.from_bytes(val[-4:], "big")
-            if rc != chunk_refs.get(key, 0):
-                out.append({"ChunkId": key.hex(), "Problem": f"refcount {rc}, referenced {chunk_refs.get(key, 0)} times"})
+            expected = chunk_refs.get(key, 0)
+            if rc != expected:
+                out.append({"ChunkId": key.hex(), "Problem": f"refcount {rc}, referenced {expected} times"})
     return out

@@ -4,8 +4,9 @@ import pty
 import subprocess
 import sys
 
-import blocksnap
 from conftest import MiB
+
+import blocksnap
 
 PYTHONPATH = os.path.dirname(os.path.dirname(blocksnap.__file__))
 

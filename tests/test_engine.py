@@ -4,11 +4,11 @@ import os
 
 import pytest
 import xxhash
+from conftest import MiB, files_equal, run_cli
 
 from blocksnap import errors
 from blocksnap.api import Client
 from blocksnap.store import meta
-from conftest import MiB, files_equal, run_cli
 
 CS = 64 << 10  # the test repositories' chunk size
 
