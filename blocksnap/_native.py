@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "(needs libxxhash-dev and a C compiler)."
     ) from exc
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 ID_LEN = lib.BS_ID_LEN
 ZERO_ID = bytes(ID_LEN)
 
@@ -56,6 +56,15 @@ def hash128(data):
     out = ffi.new("uint8_t[16]")
     lib.bs_hash128(ffi.from_buffer(data), len(data), out)
     return bytes(ffi.buffer(out, ID_LEN))
+
+
+def nonzero_ids(ids):
+    """Indexes of the ids (16 bytes each) in ``ids`` that are not the zero id, as a list."""
+    n = len(ids) // ID_LEN
+    out = ffi.new("uint32_t[]", max(n, 1))
+    count = ffi.new("uint32_t *")
+    lib.bs_ids_nonzero(ffi.from_buffer(ids), n, out, count)
+    return list(out[0:count[0]])
 
 
 def is_zero(data):

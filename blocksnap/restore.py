@@ -26,14 +26,20 @@ RESTORE_WINDOW = 4096  # chunks located and ordered by pack at a time
 SPARSE_BLOCK = 4096
 
 
-def _locate(repo, txn, ids, first, count):
-    """Index entries for chunks ``first .. first+count`` of a map (None for zero chunks)."""
+def _locate(repo, txn, ids, first, count, include_zero=True):
+    """Index entries for chunks ``first .. first+count`` of a map: ``(index, id, entry)``.
+
+    Zero chunks come as ``(index, ZERO_ID, None)`` when ``include_zero``, else not at all; the C
+    core finds the non-zero ids, so a huge sparse map costs no Python loop over its holes.
+    """
+    nonzero = _native.nonzero_ids(ids[16 * first:16 * (first + count)])
     out = []
-    for i in range(first, first + count):
+    if include_zero:
+        present = set(nonzero)
+        out = [(first + j, ZERO_ID, None) for j in range(count) if j not in present]
+    for j in nonzero:
+        i = first + j
         cid = ids[16 * i:16 * i + 16]
-        if cid == ZERO_ID:
-            out.append((i, cid, None))
-            continue
         entry = repo.catalog.get_chunk(txn, cid)
         if entry is None:
             raise errors.RepositoryDamaged(f"chunk {cid.hex()} at offset {i * repo.chunk_size} is not in the index")
@@ -150,7 +156,7 @@ def _restore_into(repo, fd, fresh, ids, size, progress):
         pending = []
         with repo.catalog.read() as txn:
             for first in range(0, n, RESTORE_WINDOW):
-                located = _locate(repo, txn, ids, first, min(RESTORE_WINDOW, n - first))
+                located = _locate(repo, txn, ids, first, min(RESTORE_WINDOW, n - first), include_zero=not fresh)
                 located.sort(key=lambda t: (b"", 0) if t[2] is None else (t[2][0], t[2][1]))
                 for k in range(0, len(located), BATCH_CHUNKS):
                     pending.append(pool.submit(work, located[k:k + BATCH_CHUNKS]))
@@ -194,9 +200,9 @@ def verify(repo, snapshot_id=None, progress=None):
                     problems.append({"SnapshotId": rec["SnapshotId"], "Problem": str(exc)})
                     continue
                 maps[rec["SnapshotId"]] = ids
-                for j in range(0, len(ids), 16):
-                    cid = ids[j:j + 16]
-                    if cid != ZERO_ID and cid not in wanted:
+                for i in _native.nonzero_ids(ids):
+                    cid = ids[16 * i:16 * i + 16]
+                    if cid not in wanted:
                         wanted[cid] = cat.get_chunk(txn, cid)
             if snapshot_id is None:
                 problems.extend(_check_refcounts(repo, txn, maps))

@@ -43,3 +43,18 @@ int bs_is_zero(const uint8_t *data, size_t len)
         return 1;
     return memcmp(data, data + 16, len - 16) == 0;
 }
+
+int bs_ids_nonzero(const uint8_t *ids, uint32_t n, uint32_t *idx_out, uint32_t *count)
+{
+    uint32_t c = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *id = ids + (size_t)i * BS_ID_LEN;
+        uint64_t a, b;
+        memcpy(&a, id, 8);
+        memcpy(&b, id + 8, 8);
+        if (a | b)
+            idx_out[c++] = i;
+    }
+    *count = c;
+    return BS_OK;
+}

@@ -370,3 +370,16 @@ def test_punch_hole_failure_raises_oserror_with_errno(tmp_path):
         os.close(fd)
     assert exc.value.errno == errno.EBADF
     assert path.read_bytes() == b"z" * 8192
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1000])
+def test_ids_nonzero_lists_exactly_the_nonzero_ids(n):
+    """nonzero_ids returns the ascending indexes of ids that are not 16 zero bytes, whatever byte is set."""
+    rng = random.Random(n)
+    ids = bytearray(16 * n)
+    expected = []
+    for i in range(n):
+        if rng.random() < 0.3:
+            ids[16 * i + rng.randrange(16)] = rng.randrange(1, 256)
+            expected.append(i)
+    assert _native.nonzero_ids(bytes(ids)) == expected
