@@ -248,9 +248,12 @@ class Client:
         out["Ok"] = not out["Damaged"] and not out["Problems"]
         return dict(out, RequestId=request_id())
 
-    def gc(self, dry_run=False):
-        """Expire snapshots past RetentionDays and reclaim unreferenced data."""
-        p = gc.plan(self.repo) if dry_run else gc.execute(self.repo)
+    def gc(self, dry_run=False, on_wait=None):
+        """Expire snapshots past RetentionDays and reclaim unreferenced data.
+
+        ``on_wait`` is called if gc must first wait for running creates, restores or verifies.
+        """
+        p = gc.plan(self.repo) if dry_run else gc.execute(self.repo, on_wait)
         return {
             "DryRun": dry_run,
             "ExpiredSnapshots": p["ExpiredSnapshots"],

@@ -388,3 +388,29 @@ def test_damaged_catalog_and_config_are_reported_not_crashed(client, make_image,
         f.write("{not json")
     proc = run_cli("--repo", repo_path, "snapshot", "list")
     assert proc.returncode == 1 and "Repository.Damaged" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gc_waits_for_a_running_reader_and_says_so(client, make_image):
+    """gc does not remove data while another process holds the repository lock; it waits and says so."""
+    import threading
+
+    img = make_image("a.raw", MiB, [(0, rand(MiB, 22))])
+    sid = snap(client, client.add_disk(img)["DiskId"])
+    reader = client.repo.repo_lock()
+    assert reader.acquire(exclusive=False)  # as a running restore holds it
+    told = threading.Event()
+    done = threading.Event()
+
+    def run_gc():
+        client.gc(on_wait=told.set)
+        done.set()
+
+    t = threading.Thread(target=run_gc)
+    t.start()
+    assert told.wait(10)
+    assert not done.is_set()
+    reader.release()
+    t.join(10)
+    assert done.is_set()
+    client.restore(sid, "a.out")
+    assert files_equal(img, "a.out")

@@ -1,4 +1,6 @@
 """blocksnap init / verify / gc: the repository as a whole."""
+import sys
+
 from ..api import Client
 from ..repository import DEFAULT_CHUNK_SIZE
 from .output import emit_json, human_bytes, progress_for
@@ -43,7 +45,10 @@ def cmd_verify(args, client):
 
 
 def cmd_gc(args, client):
-    out = client.gc(dry_run=args.dry_run)
+    def waiting():
+        print("gc: waiting for running snapshot creates, restores or verifies to finish", file=sys.stderr)
+
+    out = client.gc(dry_run=args.dry_run, on_wait=waiting)
     if args.json:
         emit_json(out)
     else:

@@ -57,10 +57,18 @@ def plan(repo, now=None):
     }
 
 
-def execute(repo):
-    """Make a fresh plan under the exclusive lock and carry it out; returns it with FreedBytes."""
+def execute(repo, on_wait=None):
+    """Make a fresh plan under the exclusive lock and carry it out; returns it with FreedBytes.
+
+    Args:
+        on_wait: called once, with no arguments, if creates, restores or verifies are running
+            and gc has to wait for them to finish.
+    """
     lock = repo.repo_lock()
-    lock.acquire(exclusive=True)
+    if not lock.acquire(exclusive=True, blocking=False):
+        if on_wait:
+            on_wait()
+        lock.acquire(exclusive=True)
     try:
         before = repo.packs.disk_usage()
         expired = plan(repo)["ExpiredSnapshots"]
