@@ -107,3 +107,13 @@ def allocated(path):
         for name in files:
             total += os.lstat(os.path.join(root, name)).st_blocks * 512
     return total
+
+
+def restores_identical(client, tmp_path, sid, saved):
+    """True if snapshot ``sid`` restores to the bytes of the file ``saved``."""
+    out = str(tmp_path / f"restore-{sid}.raw")
+    client.restore(sid, out)
+    try:
+        return files_equal(out, saved)
+    finally:
+        os.unlink(out)

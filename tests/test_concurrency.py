@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from conftest import MiB, allocated, files_equal, run_cli, write_random
+from conftest import MiB, allocated, restores_identical, run_cli, write_random
 
 import blocksnap
 from blocksnap import _native, backup, errors
@@ -124,13 +124,6 @@ def listed(repo_path):
     return json.loads(proc.stdout)["Snapshots"]["Snapshot"]
 
 
-def restores_identical(client, tmp_path, sid, saved):
-    out = str(tmp_path / f"restore-{sid}.raw")
-    client.restore(sid, out)
-    try:
-        return files_equal(out, saved)
-    finally:
-        os.unlink(out)
 
 
 def poll(predicate, timeout=60, interval=0.02):

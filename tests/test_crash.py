@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import MiB, allocated, files_equal, write_random
+from conftest import MiB, allocated, restores_identical, write_random
 
 import blocksnap
 from blocksnap.api import Client
@@ -71,13 +71,6 @@ def snapshots(client, disk_id=None):
     return client.describe_snapshots(disk_id=disk_id, sizes=False)["Snapshots"]["Snapshot"]
 
 
-def restores_identical(client, tmp_path, sid, saved):
-    out = str(tmp_path / f"restore-{sid}.raw")
-    client.restore(sid, out)
-    try:
-        return files_equal(out, saved)
-    finally:
-        os.unlink(out)
 
 
 def assert_gc_left_nothing(client):
