@@ -383,3 +383,39 @@ def test_ids_nonzero_lists_exactly_the_nonzero_ids(n):
             ids[16 * i + rng.randrange(16)] = rng.randrange(1, 256)
             expected.append(i)
     assert _native.nonzero_ids(bytes(ids)) == expected
+
+
+def test_entropy_probe_separates_random_text_and_zeros():
+    """The sampled entropy is near 8 bits for random bytes, far lower for text, 0 for zeros."""
+    rnd = random.Random(5).randbytes(256 << 10)
+    text = b"".join(b"Nov 26 20:%02d:%02d host%d sshd[%d]: session opened for user root\n"
+                    % (i % 60, i % 59, i % 7, 1000 + i) for i in range(5000))[:256 << 10]
+    assert _native.entropy_millibits(rnd) >= 7900
+    assert 2000 <= _native.entropy_millibits(text) <= 6000
+    assert _native.entropy_millibits(bytes(256 << 10)) == 0
+    assert _native.entropy_millibits(b"") == 0
+
+
+def test_encode_in_place_round_trips_and_matches_zstd():
+    """Encoded chunks decode to their bytes with the C codec and with the independent python-zstandard."""
+    import zstandard
+
+    cs = 64 << 10
+    text = (b"GET /api/v1/items?id=42 HTTP/1.1 200 512 \"-\" \"curl/8.0\"\n" * 2000)[:cs]
+    rnd = random.Random(6).randbytes(cs)
+    window = bytearray(text + rnd + text[: cs // 2])
+    original = bytes(window)
+    codec = _native.Codec(1)
+    codecs, lens = codec.encode_chunks(window, len(window), cs, [0, 1, 2], 7600)
+    assert list(codecs) == [_native.CODEC_ZSTD, _native.CODEC_RAW, _native.CODEC_ZSTD]
+    assert lens[1] == cs and lens[0] < cs // 4
+    for k, (c, n) in enumerate(zip(codecs, lens)):
+        raw = original[k * cs:(k + 1) * cs]
+        stored = bytes(window[k * cs:k * cs + n])
+        if c == _native.CODEC_ZSTD:
+            assert bytes(codec.decode(c, stored, len(raw))) == raw
+            assert zstandard.ZstdDecompressor().decompress(stored, max_output_size=len(raw)) == raw
+        else:
+            assert stored == raw
+    with pytest.raises(ValueError):
+        codec.decode(_native.CODEC_ZSTD, bytes(window[:lens[0]]), cs + 1)

@@ -45,21 +45,6 @@ def codec():
     return ctx
 
 
-def encode(data):
-    """``(codec, stored bytes)`` for one chunk: zstd level 1 unless that saves under 1/32.
-
-    Data whose sampled byte entropy is near 8 bits (random, encrypted, already
-    compressed) is stored raw without trying. The create pipeline encodes whole
-    windows in place with the same rules (``Codec.encode_chunks``).
-    """
-    buf = bytearray(data)
-    codecs, lens = codec().encode_chunks(buf, len(buf), max(len(buf), 1), [0] if buf else [],
-                                         INCOMPRESSIBLE_MILLIBITS)
-    if not buf:
-        return CODEC_RAW, b""
-    return codecs[0], bytes(buf[:lens[0]])
-
-
 def decode(codec_id, stored, raw_len):
     """The chunk's bytes from its stored form (raises ValueError on garbage)."""
     if codec_id == CODEC_RAW:
