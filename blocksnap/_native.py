@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "(needs libxxhash-dev and a C compiler)."
     ) from exc
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 ID_LEN = lib.BS_ID_LEN
 ZERO_ID = bytes(ID_LEN)
 
@@ -176,3 +176,68 @@ class Codec:
                            ffi.from_buffer(out, require_writable=True), raw_len)
         _check(rc, 0)
         return out
+
+
+class RestoreDamage(Exception):
+    """A chunk failed its checks in bs_restore_chunks: ``index`` into the batch, ``problem`` in words."""
+
+    def __init__(self, index, problem):
+        super().__init__(problem)
+        self.index = index
+        self.problem = problem
+
+
+_DAMAGE = {
+    lib.BS_DAMAGE_SHORT: "the pack ends inside the record",
+    lib.BS_DAMAGE_HEADER: "record header does not match the index",
+    lib.BS_DAMAGE_DECODE: "stored bytes do not decode",
+    lib.BS_DAMAGE_HASH: "content does not hash to its id",
+}
+
+
+class Restorer:
+    """One thread's state for bs_restore_chunks: a zstd context and two chunk-sized buffers."""
+
+    def __init__(self, chunk_size):
+        self._codec = Codec(1)
+        self._scratch_len = 32 + chunk_size
+        self._scratch = ffi.new("uint8_t[]", self._scratch_len)
+        self._raw = ffi.new("uint8_t[]", chunk_size)
+        self._raw_len = chunk_size
+        self._failed = ffi.new("uint32_t *")
+        self._detail = ffi.new("int *")
+
+    def restore(self, items, out_fd, sparse_block):
+        """Read, check, decode, verify and write a batch of chunks in one C call.
+
+        Args:
+            items: ``(pack_fd, record_offset, stored_len, raw_len, codec, chunk_id, out_offset)`` tuples.
+            sparse_block: leave all-zero blocks of this size unwritten (0: write everything).
+        Raises:
+            RestoreDamage (with the failing item's index), OSError (with ``.index`` set).
+        """
+        n = len(items)
+        if n == 0:
+            return
+        arr = ffi.new("bs_restore_item[]", n)
+        for k, (fd, off, stored, raw, codec, cid, out_off) in enumerate(items):
+            it = arr[k]
+            it.pack_fd = fd
+            it.pack_offset = off
+            it.stored_len = stored
+            it.raw_len = raw
+            it.codec = codec
+            it.id = cid
+            it.out_offset = out_off
+        rc = lib.bs_restore_chunks(self._codec._ptr, arr, n, out_fd, sparse_block, self._scratch,
+                                   self._scratch_len, self._raw, self._raw_len, self._failed, self._detail)
+        if rc == lib.BS_OK:
+            return
+        index, detail = self._failed[0], self._detail[0]
+        if rc == lib.BS_EDAMAGED:
+            raise RestoreDamage(index, _DAMAGE.get(detail, f"damage {detail}"))
+        if rc == lib.BS_EIO:
+            exc = OSError(detail, os.strerror(detail))
+            exc.index = index
+            raise exc
+        raise ValueError(f"blocksnap C core rejected a restore batch (status {rc})")

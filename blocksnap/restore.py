@@ -14,6 +14,7 @@ import concurrent.futures
 import errno
 import os
 import stat
+import threading
 
 import lmdb
 
@@ -22,6 +23,7 @@ from .repository import ACCOMPLISHED, ZERO_ID, map_lmdb_error
 from .store.chunks import ChunkDamaged
 
 BATCH_CHUNKS = 32
+_tls = threading.local()
 RESTORE_WINDOW = 4096  # chunks located and ordered by pack at a time
 SPARSE_BLOCK = 4096
 
@@ -114,6 +116,19 @@ def _open_output(output, in_place, size):
     raise errors.OutputExists(f"({output})")
 
 
+def _zero_range(fd, off, length, can_punch, zeros):
+    """Make ``[off, off+length)`` of an existing output read as zeros: punch it, else write zeros."""
+    if can_punch[0]:
+        try:
+            _native.punch_hole(fd, off, length)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV):
+                raise
+            can_punch[0] = False
+    os.pwrite(fd, zeros[:length], off)
+
+
 def _restore_into(repo, fd, fresh, ids, size, progress):
     cs = repo.chunk_size
     n = len(ids) // 16
@@ -121,30 +136,33 @@ def _restore_into(repo, fd, fresh, ids, size, progress):
     zeros = bytes(cs)
 
     def work(batch):
-        done = 0
+        restorer = getattr(_tls, "restorer", None)
+        if restorer is None or restorer.chunk_size != cs:
+            restorer = _tls.restorer = _native.Restorer(cs)
+            restorer.chunk_size = cs
+        items, done = [], 0
         for i, cid, entry in batch:
             off = i * cs
             clen = min(cs, size - off)
             if entry is None:
-                if fresh:
-                    continue
-                if can_punch[0]:
-                    try:
-                        _native.punch_hole(fd, off, clen)
-                        continue
-                    except OSError as exc:
-                        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV):
-                            raise
-                        can_punch[0] = False
-                os.pwrite(fd, zeros[:clen], off)
+                if not fresh:
+                    _zero_range(fd, off, clen, can_punch, zeros)
                 continue
+            pack_id, rec_off, stored, raw, codec = entry[:5]
             try:
-                data = repo.packs.read(cid, *entry[:3], entry[3], entry[4])
-            except ChunkDamaged as exc:
-                raise errors.RepositoryDamaged(f"chunk at offset {off}: {exc}") from None
-            # A fresh file keeps holes for zero blocks inside chunks too; in place, every byte is written.
-            _native.pwrite_sparse(fd, data, off, SPARSE_BLOCK if fresh else 0)
+                pack_fd = repo.packs.fd(pack_id)
+            except OSError as exc:
+                raise errors.RepositoryDamaged(f"chunk at offset {off}: pack {pack_id.hex()}: {exc.strerror}") from None
+            items.append((pack_fd, rec_off, stored, raw, codec, cid, off))
             done += clen
+        try:
+            # One C call reads, checks, decodes, verifies and writes the whole batch without the GIL. A
+            # fresh file keeps holes for zero blocks inside chunks too; in place, every byte is written.
+            restorer.restore(items, fd, SPARSE_BLOCK if fresh else 0)
+        except _native.RestoreDamage as exc:
+            pack_fd, rec_off, _, _, _, cid, off = items[exc.index]
+            raise errors.RepositoryDamaged(f"chunk {cid.hex()} at offset {off} (record at {rec_off} of its pack): "
+                                           f"{exc.problem}") from None
         return done
 
     # The map is taken a window at a time; inside a window, chunks are read in pack order (each pack

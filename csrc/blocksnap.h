@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
-#define BS_ABI_VERSION 3
+#define BS_ABI_VERSION 4
 
 #define BS_OK 0
 #define BS_EINVAL -1 /* an argument is out of range; nothing was written */
@@ -131,6 +131,36 @@ int bs_encode_chunks(bs_codec *codec, uint8_t *buf, uint64_t length, uint32_t ch
  */
 int bs_decode(bs_codec *codec, int codec_id, const uint8_t *src, size_t src_len,
               uint8_t *dst, size_t dst_len);
+/* One chunk to restore: where its record is, what it must hash to, where it goes. */
+typedef struct {
+    int pack_fd;          /* open pack file */
+    uint64_t pack_offset; /* offset of the chunk's 32-byte record header */
+    uint32_t stored_len;  /* bytes after the header */
+    uint32_t raw_len;     /* the chunk's length in the image */
+    uint8_t codec;        /* BS_CODEC_* */
+    uint8_t id[16];       /* the chunk id it must hash to */
+    uint64_t out_offset;  /* where it goes in the output */
+} bs_restore_item;
+
+#define BS_EDAMAGED -6 /* a stored chunk is damaged; *detail_out says how */
+#define BS_DAMAGE_SHORT 1  /* the pack ends inside the record */
+#define BS_DAMAGE_HEADER 2 /* the record header does not match the index */
+#define BS_DAMAGE_DECODE 3 /* the stored bytes do not decode to raw_len bytes */
+#define BS_DAMAGE_HASH 4   /* the content does not hash to its id */
+
+/*
+ * bs_restore_chunks: for each item: read its record, check the header
+ * against the item, decode, check the XXH3-128 against the id, and write
+ * the bytes to out_fd at out_offset (skipping all-zero sparse_block blocks
+ * when sparse_block > 0, see bs_pwrite_sparse). scratch must hold
+ * 32 + the largest stored_len, raw the largest raw_len. Stops at the first
+ * failure: *failed_out = its index, and BS_EIO (*detail_out = errno, from
+ * a read or write) or BS_EDAMAGED (*detail_out = BS_DAMAGE_*). On success
+ * *failed_out = n. Items before the failed one are written.
+ */
+int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n, int out_fd,
+                      uint32_t sparse_block, uint8_t *scratch, size_t scratch_len,
+                      uint8_t *raw, size_t raw_len, uint32_t *failed_out, int *detail_out);
 /* CDEF-END */
 
 #endif

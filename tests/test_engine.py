@@ -216,6 +216,8 @@ def test_verify_reports_a_missing_pack(client, make_image, repo_path):
     client.repo.packs.close()
     out = client.verify()
     assert not out["Ok"] and len(out["Damaged"]) == 16
+    with pytest.raises(errors.RepositoryDamaged):
+        client.restore(out["Damaged"][0]["Affected"][0]["SnapshotId"], "x.raw")
 
 
 def test_retention_days_expire_at_gc(client, make_image):

@@ -419,3 +419,32 @@ def test_encode_in_place_round_trips_and_matches_zstd():
             assert stored == raw
     with pytest.raises(ValueError):
         codec.decode(_native.CODEC_ZSTD, bytes(window[:lens[0]]), cs + 1)
+
+
+def test_restore_chunks_writes_checked_chunks_and_names_the_damaged_one(tmp_path):
+    """bs_restore_chunks writes verified chunks and stops at a record whose bytes do not hash to its id."""
+    from blocksnap.store import chunks
+
+    cs = 64 << 10
+    data = [random.Random(k).randbytes(cs) for k in range(3)]
+    pack = tmp_path / "p.pack"
+    items, pos = [], 16
+    with open(pack, "wb") as f:
+        f.write(bytes(16))
+        for k, d in enumerate(data):
+            cid = xxhash.xxh3_128_digest(d)
+            f.write(chunks.RECORD.pack(chunks.RECORD_MAGIC, 0, cs, cs, cid) + d)
+            items.append((None, pos, cs, cs, 0, cid, k * cs))
+            pos += 32 + cs
+    out = tmp_path / "out.raw"
+    r = _native.Restorer(cs)
+    with open(pack, "rb") as p, open(out, "wb") as o:
+        batch = [(p.fileno(),) + it[1:] for it in items]
+        r.restore(batch, o.fileno(), 4096)
+        o.flush()
+        assert out.read_bytes() == b"".join(data)
+        bad = list(batch)
+        bad[1] = bad[1][:5] + (xxhash.xxh3_128_digest(b"other"),) + bad[1][6:]
+        with pytest.raises(_native.RestoreDamage) as exc:
+            r.restore(bad, o.fileno(), 0)
+        assert exc.value.index == 1 and "record header" in exc.value.problem

@@ -87,6 +87,10 @@ class PackStore:
         return PackWriter(self)
 
     # --- reading -------------------------------------------------------------------------------------
+    def fd(self, pack_id):
+        """This thread's cached read-only descriptor of a pack (raises OSError if it is missing)."""
+        return self._fd(pack_id)
+
     def _fd(self, pack_id):
         # Each thread keeps its own descriptors, so evicting one can never close a descriptor
         # another thread is reading from.

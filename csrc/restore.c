@@ -1,0 +1,82 @@
+/*
+ * bs_restore_chunks: the restore hot path in one call per batch, GIL
+ * released: read a pack record, check it, decode, verify the id, write.
+ * The record layout is docs/FORMAT.md, "Pack files".
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "blocksnap.h"
+
+#define RECORD_SIZE 32
+
+static uint32_t be32(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static int read_record(int fd, uint8_t *dst, size_t len, uint64_t off, int *detail)
+{
+    size_t got = 0;
+    while (got < len) {
+        ssize_t r = pread(fd, dst + got, len - got, (off_t)(off + got));
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            *detail = errno;
+            return BS_EIO;
+        }
+        if (r == 0) {
+            *detail = BS_DAMAGE_SHORT;
+            return BS_EDAMAGED;
+        }
+        got += (size_t)r;
+    }
+    return BS_OK;
+}
+
+int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n, int out_fd,
+                      uint32_t sparse_block, uint8_t *scratch, size_t scratch_len,
+                      uint8_t *raw, size_t raw_len, uint32_t *failed_out, int *detail_out)
+{
+    *detail_out = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        const bs_restore_item *it = &items[k];
+        *failed_out = k;
+        if (RECORD_SIZE + (size_t)it->stored_len > scratch_len || it->raw_len > raw_len)
+            return BS_EINVAL;
+        int rc = read_record(it->pack_fd, scratch, RECORD_SIZE + (size_t)it->stored_len, it->pack_offset,
+                             detail_out);
+        if (rc != BS_OK)
+            return rc;
+        if (memcmp(scratch, "BSCK", 4) != 0 || scratch[4] != it->codec || be32(scratch + 8) != it->raw_len ||
+            be32(scratch + 12) != it->stored_len || memcmp(scratch + 16, it->id, BS_ID_LEN) != 0) {
+            *detail_out = BS_DAMAGE_HEADER;
+            return BS_EDAMAGED;
+        }
+        const uint8_t *data = scratch + RECORD_SIZE;
+        if (it->codec != BS_CODEC_RAW) {
+            if (bs_decode(codec, it->codec, data, it->stored_len, raw, it->raw_len) != BS_OK) {
+                *detail_out = BS_DAMAGE_DECODE;
+                return BS_EDAMAGED;
+            }
+            data = raw;
+        } else if (it->stored_len != it->raw_len) {
+            *detail_out = BS_DAMAGE_HEADER;
+            return BS_EDAMAGED;
+        }
+        uint8_t id[BS_ID_LEN];
+        bs_hash128(data, it->raw_len, id);
+        if (memcmp(id, it->id, BS_ID_LEN) != 0) {
+            *detail_out = BS_DAMAGE_HASH;
+            return BS_EDAMAGED;
+        }
+        rc = bs_pwrite_sparse(out_fd, data, it->raw_len, it->out_offset, sparse_block, detail_out);
+        if (rc != BS_OK)
+            return rc;
+    }
+    *failed_out = n;
+    return BS_OK;
+}
