@@ -2,10 +2,11 @@
 
 Pipeline (docs/FORMAT.md, "Write ordering"):
   1. one write transaction registers the snapshot as ``progressing``;
-  2. a scanner thread runs the C core over 8 MiB windows of the image
-     (read, holes, zero detection, XXH3-128, comparison with the parent map)
-     with the GIL released, while the calling thread compresses (two worker
-     threads) and appends only the changed, not-yet-stored chunks to a pack;
+  2. two scanner threads run the C core over 4 MiB windows of the image
+     (read, holes, zero detection, XXH3-128, comparison with the parent map,
+     zstd of the changed chunks in place) with the GIL released, while the
+     calling thread picks the chunks the repository lacks and a writer
+     thread appends them to a pack;
   3. each full pack is fsynced, then indexed (refcount 0) in one transaction;
   4. if the image is unchanged since it was opened, one transaction stores
      the map segments, takes the references and marks the snapshot

@@ -3,9 +3,9 @@
 Restore writes a snapshot's guest view to a new sparse file (zero chunks
 become holes), or in place into an existing file or block device (zero
 chunks are punched, or written as zeros where punching is not possible).
-Every chunk is checked against its id as it is read. Reads and writes
-overlap across two worker threads; both release the GIL in their system
-calls, zstd and the C hash.
+Every chunk is checked against its id as it is read. Two worker threads
+each hand batches of 32 chunks to the C core (bs_restore_chunks), which
+reads, checks, decodes, verifies and writes them without the GIL.
 
 Verify re-reads stored chunks and checks their ids and record headers, then
 names every snapshot and offset a bad chunk affects.
