@@ -336,14 +336,6 @@ class PackWriter:
         self._fd, self._records, self._offset = None, [], 0
         return out
 
-    def seal(self):
-        """Make the current pack durable. Returns ``(pack_id, size, records)`` or None if empty."""
-        handed = self.detach()
-        if handed is None:
-            return None
-        self.store.make_durable(handed[0], handed[1])
-        return handed[0], handed[2], handed[3]
-
     def abort(self):
         """Close without sealing (the pack stays for gc, or for the caller to remove)."""
         try:
