@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "(needs libxxhash-dev and a C compiler)."
     ) from exc
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 ID_LEN = lib.BS_ID_LEN
 ZERO_ID = bytes(ID_LEN)
 
@@ -144,12 +144,17 @@ def entropy_millibits(data):
 
 
 class Codec:
-    """A zstd compression and decompression context (system libzstd) for one thread."""
+    """A zstd compression and decompression context (system libzstd) for one thread.
 
-    def __init__(self, level):
-        ptr = lib.bs_codec_new(level)
+    ``level`` is the zstd level; ``hash_log`` (0: the level's own) sizes the encoder's match table.
+    """
+
+    def __init__(self, level, hash_log=0):
+        if hash_log and not 6 <= hash_log <= 30:  # ZSTD_HASHLOG_MIN..ZSTD_HASHLOG_MAX (64-bit)
+            raise ValueError(f"zstd hash_log must be 0 or 6..30, not {hash_log}")
+        ptr = lib.bs_codec_new(level, hash_log)
         if ptr == ffi.NULL:
-            raise MemoryError("blocksnap C core: cannot allocate a zstd context")
+            raise MemoryError(f"blocksnap C core: cannot make a zstd context (level {level}, hash_log {hash_log})")
         self._ptr = ffi.gc(ptr, lib.bs_codec_free)
 
     def encode_chunks(self, buf, length, chunk_size, idx, skip_millibits):

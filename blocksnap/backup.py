@@ -222,7 +222,7 @@ class _Create:
 
         def scan_windows():
             scanner = _native.Scanner(cs, per_window)
-            codec = _native.Codec(chunkstore.ZSTD_LEVEL)
+            codec = _native.Codec(chunkstore.ZSTD_LEVEL, chunkstore.ZSTD_HASH_LOG)
             while not stop.is_set():
                 with windows_lock:
                     nxt = next(windows, None)

@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
-#define BS_ABI_VERSION 4
+#define BS_ABI_VERSION 5
 
 #define BS_OK 0
 #define BS_EINVAL -1 /* an argument is out of range; nothing was written */
@@ -106,8 +106,15 @@ int bs_ids_nonzero(const uint8_t *ids, uint32_t n, uint32_t *idx_out, uint32_t *
 
 typedef struct bs_codec bs_codec;
 
-/* bs_codec_new: a compression and decompression context for one thread; NULL when out of memory. */
-bs_codec *bs_codec_new(int level);
+/*
+ * bs_codec_new: a compression and decompression context for one thread;
+ * NULL when out of memory or when zstd refuses a parameter. level is the
+ * zstd compression level; hash_log > 0 overrides that level's match-finder
+ * hash table size (2^hash_log entries, ZSTD_c_hashLog), 0 keeps the
+ * level's own. Only the encoder's speed and ratio depend on them: every
+ * setting makes ordinary zstd frames.
+ */
+bs_codec *bs_codec_new(int level, int hash_log);
 void bs_codec_free(bs_codec *codec);
 
 /*

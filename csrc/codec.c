@@ -18,7 +18,7 @@ struct bs_codec {
     size_t scratch_len;
 };
 
-bs_codec *bs_codec_new(int level)
+bs_codec *bs_codec_new(int level, int hash_log)
 {
     bs_codec *c = calloc(1, sizeof *c);
     if (!c)
@@ -30,7 +30,11 @@ bs_codec *bs_codec_new(int level)
         bs_codec_free(c);
         return NULL;
     }
-    ZSTD_CCtx_setParameter(c->cctx, ZSTD_c_compressionLevel, level);
+    if (ZSTD_isError(ZSTD_CCtx_setParameter(c->cctx, ZSTD_c_compressionLevel, level)) ||
+        (hash_log > 0 && ZSTD_isError(ZSTD_CCtx_setParameter(c->cctx, ZSTD_c_hashLog, hash_log)))) {
+        bs_codec_free(c);
+        return NULL;
+    }
     ZSTD_CCtx_setParameter(c->cctx, ZSTD_c_contentSizeFlag, 0);
     ZSTD_CCtx_setParameter(c->cctx, ZSTD_c_checksumFlag, 0);
     return c;

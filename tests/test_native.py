@@ -428,6 +428,28 @@ def test_entropy_probe_matches_a_python_reference(size):
         assert abs(_native.entropy_millibits(data) - _sample_entropy_millibits(data)) <= 1, (size, data[:16])
 
 
+def test_codec_hash_log_changes_the_encoder_not_the_format():
+    """A codec with a smaller match table writes different, still standard, frames of the same bytes;
+    a hash_log zstd cannot take is refused."""
+    import zstandard
+
+    cs = 256 << 10
+    words = [b"GET", b"POST", b"/api/v1/items", b"200", b"404", b"user=%d", b"session", b"timeout"]
+    rng = random.Random(8)
+    text = b" ".join(rng.choice(words) for _ in range(cs // 4))[:cs]
+    frames = {}
+    for hash_log in (0, 13, 10):
+        window = bytearray(text)
+        codecs, lens = _native.Codec(1, hash_log).encode_chunks(window, cs, cs, [0], 7600)
+        assert list(codecs) == [_native.CODEC_ZSTD]
+        frames[hash_log] = bytes(window[:lens[0]])
+        assert zstandard.ZstdDecompressor().decompress(frames[hash_log], max_output_size=cs) == text
+    assert frames[10] != frames[0]
+    for bad in (-1, 5, 31):
+        with pytest.raises(ValueError):
+            _native.Codec(1, bad)
+
+
 def test_encode_in_place_round_trips_and_matches_zstd():
     """Encoded chunks decode to their bytes with the C codec and with the independent python-zstandard."""
     import zstandard

@@ -27,6 +27,9 @@ RECORD = struct.Struct(">4sB3xII16s")
 CODEC_RAW = _native.CODEC_RAW
 CODEC_ZSTD = _native.CODEC_ZSTD
 ZSTD_LEVEL = 1
+# Level 1 with a 2^13-entry match table (the level's own is 2^14 for 256 KiB inputs): the table then
+# fits the L1 data cache, which makes compression ~20 % faster for ~1 % more bytes (docs/FORMAT.md).
+ZSTD_HASH_LOG = 13
 INCOMPRESSIBLE_MILLIBITS = 7600  # sampled entropy above which zstd is not tried
 PACK_TARGET = 64 << 20  # seal a pack once it holds this many bytes
 BLOCK = 4096  # punching frees whole blocks only
@@ -41,7 +44,7 @@ def codec():
     """This thread's zstd context (contexts are not shared between threads)."""
     ctx = getattr(_tls, "codec", None)
     if ctx is None:
-        ctx = _tls.codec = _native.Codec(ZSTD_LEVEL)
+        ctx = _tls.codec = _native.Codec(ZSTD_LEVEL, ZSTD_HASH_LOG)
     return ctx
 
 
