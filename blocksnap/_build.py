@@ -11,7 +11,7 @@ from cffi import FFI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-SOURCES = ["hash.c", "scan.c", "punch.c", "write.c", "entropy.c", "codec.c", "restore.c"]
+SOURCES = ["hash.c", "scan.c", "punch.c", "write.c", "entropy.c", "codec.c", "restore.c", "packw.c"]
 HEADER_DIRS = ["/usr/include", "/usr/local/include"]
 SYSTEM_HEADERS = [("xxhash.h", "libxxhash-dev"), ("zstd.h", "libzstd-dev")]
 
@@ -47,7 +47,7 @@ ffibuilder.set_source(
     sources=[os.path.relpath(os.path.join(CSRC, s), ROOT) for s in SOURCES],
     include_dirs=[os.path.relpath(CSRC, ROOT)],
     depends=[os.path.relpath(os.path.join(CSRC, "blocksnap.h"), ROOT)],
-    libraries=["xxhash", "zstd", "m"],
+    libraries=["xxhash", "zstd", "m", "pthread"],
     extra_compile_args=["-O3", "-std=c99", "-Wall", "-Wextra"],
 )
 

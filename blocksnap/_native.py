@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "(needs libxxhash-dev and a C compiler)."
     ) from exc
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 ID_LEN = lib.BS_ID_LEN
 ZERO_ID = bytes(ID_LEN)
 
@@ -198,6 +198,68 @@ _DAMAGE = {
     lib.BS_DAMAGE_DECODE: "stored bytes do not decode",
     lib.BS_DAMAGE_HASH: "content does not hash to its id",
 }
+
+
+class PackStager:
+    """bs_packw: assembles pack records in aligned buffers and writes them from an I/O thread of its own.
+
+    One thread calls ``begin``/``add``/``end``; any thread may ``wait``. The copy in ``add`` and
+    every write run without the GIL. Errors of a write (ENOSPC, EIO) come back as OSError from
+    that call or a later one; a pack's descriptor may be closed only after ``wait`` for its last
+    write number returned or raised.
+    """
+
+    def __init__(self, stage_bytes, stages):
+        if stage_bytes <= 0 or stage_bytes % 4096 or stages < 2:
+            raise ValueError(f"staging needs >= 2 buffers of a multiple of 4096 bytes, not {stages} x {stage_bytes}")
+        ptr = lib.bs_packw_new(stage_bytes, stages)
+        if ptr == ffi.NULL:
+            raise MemoryError(f"blocksnap C core: cannot make a pack writer ({stages} x {stage_bytes} bytes)")
+        self._ptr = ffi.gc(ptr, lib.bs_packw_free)
+        self._err = ffi.new("int *")
+        self._u64 = ffi.new("uint64_t[2]")
+
+    def begin(self, fd, header):
+        _check(lib.bs_packw_begin(self._ptr, fd, header, len(header), self._err), self._err[0])
+
+    def add(self, base, recs):
+        """Append records; ``recs`` are ``(chunk_id, src_off, stored_len, raw_len, codec)`` with the
+        stored bytes at ``base[src_off:src_off + stored_len]``. Returns each record's pack offset."""
+        n = len(recs)
+        if n == 0:
+            return []
+        arr = ffi.new("bs_pack_rec[]", n)
+        for k, (cid, src_off, stored_len, raw_len, codec) in enumerate(recs):
+            if src_off + stored_len > len(base):
+                raise ValueError("record bytes lie outside the buffer")
+            r = arr[k]
+            r.src_off = src_off
+            r.stored_len = stored_len
+            r.raw_len = raw_len
+            r.codec = codec
+            r.id = cid
+        offsets = ffi.new("uint64_t[]", n)
+        _check(lib.bs_packw_add(self._ptr, ffi.from_buffer(base), arr, n, offsets, self._err), self._err[0])
+        return list(offsets)
+
+    @property
+    def offset(self):
+        return lib.bs_packw_offset(self._ptr)
+
+    def end(self):
+        """Pad and hand over the last buffer of the current pack; returns ``(last_write_number, size)``."""
+        _check(lib.bs_packw_end(self._ptr, self._u64, self._u64 + 1, self._err), self._err[0])
+        return self._u64[0], self._u64[1]
+
+    def wait(self, seq):
+        """Block until writes 1..seq are done; raises the first failed write's OSError."""
+        _check(lib.bs_packw_wait(self._ptr, seq, self._err), self._err[0])
+
+    def close(self):
+        """Stop the I/O thread (after the last ``wait``)."""
+        ptr, self._ptr = self._ptr, None
+        if ptr is not None:
+            ffi.release(ptr)
 
 
 class Restorer:

@@ -190,10 +190,11 @@ class _Create:
         Threads: two scanners take windows in turn and run the C core on each
         (read, holes, zero check, XXH3-128, parent diff, then zstd of the
         changed chunks in place), all with the GIL released; this thread
-        records ids and picks the chunks the repository lacks; one writer
-        appends them to packs; one sealer fsyncs each full pack and indexes
-        it. A window's buffer returns to the free list once the writer has
-        written its last chunk.
+        records ids, picks the chunks the repository lacks and appends them
+        to the pack writer, whose C core copies them into its staging buffers
+        (the window's buffer is free again right after) and writes those from
+        an I/O thread of its own; one sealer waits for each full pack's last
+        write, fsyncs it and indexes it.
         """
         cs = self.cs
         per_window = max(WINDOW_BYTES // cs, 1)
@@ -205,7 +206,6 @@ class _Create:
         for _ in range(BUFFERS):
             free.put(bytearray(window))
         ready = queue.Queue()
-        to_write = queue.Queue()
         to_seal = queue.Queue()
         failures = []
         stop = threading.Event()
@@ -242,37 +242,23 @@ class _Create:
                 ready.put((off, length, buf, (ids, flags, changed), encoded))
             ready.put(None)
 
-        def write_chunks():
-            while True:
-                item = to_write.get()
-                if item is None:
-                    break
-                buf, picked = item
-                for cid, raw_len, codec, stored in picked:
-                    if stop.is_set():
-                        return
-                    if self.writer.add(cid, codec, stored, raw_len):
-                        to_seal.put(self.writer.detach())
-                free.put(buf)
-            handed = self.writer.detach()
-            if handed is not None:
-                to_seal.put(handed)
-
         def seal_packs():
             while True:
                 handed = to_seal.get()
                 if handed is None:
                     break
                 if stop.is_set():
-                    os.close(handed[1])
+                    try:
+                        self.writer.wait(handed[4])  # the I/O thread must be done with the descriptor
+                    finally:
+                        os.close(handed[1])
                     continue
                 self._index_pack(handed)
 
         scanners = [threading.Thread(target=guarded(scan_windows), name=f"blocksnap-scan{i}", daemon=True)
                     for i in range(SCANNERS)]
-        writer = threading.Thread(target=guarded(write_chunks), name="blocksnap-write", daemon=True)
         sealer = threading.Thread(target=guarded(seal_packs), name="blocksnap-seal", daemon=True)
-        for t in scanners + [writer, sealer]:
+        for t in scanners + [sealer]:
             t.start()
         try:
             finished = 0
@@ -284,19 +270,26 @@ class _Create:
                 off, length, buf, (ids, flags, changed), encoded = item
                 k = off // cs
                 new_map[16 * k:16 * k + len(ids)] = ids
-                to_write.put((buf, self._pick_new_chunks(buf, length, ids, flags, changed, encoded)))
+                picked = self._pick_new_chunks(length, ids, flags, changed, encoded)
+                # The C core copies the records into its staging buffers (GIL released) and its I/O
+                # thread writes them; the window's buffer is free again as soon as this returns.
+                if picked and self.writer.add_many(buf, picked):
+                    to_seal.put(self.writer.detach())
+                free.put(buf)
                 self.stats.scanned += length
                 self._report(img.size)
                 _crashpoint("mid-scan")
+            if not stop.is_set():
+                handed = self.writer.detach()
+                if handed is not None:
+                    to_seal.put(handed)
         except BaseException:
             stop.set()
             raise
         finally:
-            to_write.put(None)
             if stop.is_set():
                 for _ in range(SCANNERS):
                     free.put(bytearray(window))  # wake scanners waiting for a buffer
-            writer.join()
             to_seal.put(None)
             sealer.join()
             if not stop.is_set():
@@ -330,8 +323,12 @@ class _Create:
                 yield w, min(window, size - w)
             off = max(end, start + window) if end <= start else end
 
-    def _pick_new_chunks(self, buf, length, ids, flags, changed, encoded):
-        """Count a scanned window; returns its chunks the repository lacks: ``[(id, length, codec, bytes)]``."""
+    def _pick_new_chunks(self, length, ids, flags, changed, encoded):
+        """Count a scanned window; returns the records of its chunks the repository lacks.
+
+        Returns:
+            ``[(chunk_id, offset_in_window, stored_len, raw_len, codec)]`` for ``PackWriter.add_many``.
+        """
         cs = self.cs
         st = self.stats
         data_chunks = flags.count(_native.CHUNK_DATA) + flags.count(_native.CHUNK_DATA | _native.CHUNK_CHANGED)
@@ -341,7 +338,6 @@ class _Create:
         picked = []
         if not changed:
             return picked
-        mv = memoryview(buf)
         codecs, stored_lens = encoded
         with self.cat.read() as txn:
             for i, codec, stored_len in zip(changed, codecs, stored_lens):
@@ -352,12 +348,17 @@ class _Create:
                 if cid in self.pending or self.cat.get_chunk(txn, cid) is not None:
                     continue
                 self.pending.add(cid)
-                picked.append((cid, clen, codec, mv[i * cs:i * cs + stored_len]))
+                picked.append((cid, i * cs, stored_len, clen, codec))
         return picked
 
     def _index_pack(self, handed):
         """Make a finished pack durable, then index its chunks at refcount 0 (one transaction)."""
-        pack_id, fd, size, records = handed
+        pack_id, fd, size, records, last_write = handed
+        try:
+            self.writer.wait(last_write)
+        except BaseException:
+            os.close(fd)
+            raise
         self.repo.packs.make_durable(pack_id, fd)
         _crashpoint("after-pack-fsync")
         dups = []

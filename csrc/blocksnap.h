@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
-#define BS_ABI_VERSION 5
+#define BS_ABI_VERSION 6
 
 #define BS_OK 0
 #define BS_EINVAL -1 /* an argument is out of range; nothing was written */
@@ -168,6 +168,47 @@ typedef struct {
 int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n, int out_fd,
                       uint32_t sparse_block, uint8_t *scratch, size_t scratch_len,
                       uint8_t *raw, size_t raw_len, uint32_t *failed_out, int *detail_out);
+/*
+ * bs_packw: appends chunk records to pack files through page-aligned
+ * staging buffers of stage_bytes (a multiple of 4096), nstages >= 2 of
+ * them, and an I/O thread of its own that writes each full buffer with
+ * pwrite while the caller fills the next (O_DIRECT if the caller set it on
+ * the descriptor). One thread adds; any thread may wait.
+ *   bs_packw_begin   starts a pack on fd (written from offset 0) with its
+ *                    header bytes.
+ *   bs_packw_add     appends one record per rec: the 32-byte record header
+ *                    (magic, codec, raw_len, stored_len, id; FORMAT.md)
+ *                    and the stored_len bytes at base + src_off. The bytes
+ *                    are copied before it returns. offsets_out[k] gets the
+ *                    record's offset in the pack. It blocks while every
+ *                    staging buffer is waiting for the device.
+ *   bs_packw_offset  the logical end of the current pack's records.
+ *   bs_packw_end     pads the last buffer with zeros to a multiple of 4096,
+ *                    hands it to the I/O thread and detaches the pack:
+ *                    *size_out = its logical size, *seq_out = the number
+ *                    of its last write. It does not wait.
+ *   bs_packw_wait    blocks until writes 1..seq are done.
+ * A failed write's errno is kept: that call and every later one return
+ * BS_EIO with *err_out = errno (ENOSPC for a short write). The caller must
+ * not close a pack's descriptor before bs_packw_wait for its seq returned.
+ */
+typedef struct bs_packw bs_packw;
+typedef struct {
+    uint32_t src_off;    /* where the stored bytes start, from base */
+    uint32_t stored_len; /* bytes after the record header */
+    uint32_t raw_len;    /* the chunk's length in the image */
+    uint8_t codec;       /* BS_CODEC_* */
+    uint8_t id[16];      /* the chunk id */
+} bs_pack_rec;
+
+bs_packw *bs_packw_new(uint32_t stage_bytes, uint32_t nstages);
+void bs_packw_free(bs_packw *w);
+int bs_packw_begin(bs_packw *w, int fd, const uint8_t *header, uint32_t header_len, int *err_out);
+int bs_packw_add(bs_packw *w, const uint8_t *base, const bs_pack_rec *recs, uint32_t n,
+                 uint64_t *offsets_out, int *err_out);
+uint64_t bs_packw_offset(const bs_packw *w);
+int bs_packw_end(bs_packw *w, uint64_t *seq_out, uint64_t *size_out, int *err_out);
+int bs_packw_wait(bs_packw *w, uint64_t seq, int *err_out);
 /* CDEF-END */
 
 #endif

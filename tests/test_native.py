@@ -475,6 +475,72 @@ def test_encode_in_place_round_trips_and_matches_zstd():
         codec.decode(_native.CODEC_ZSTD, bytes(window[:lens[0]]), cs + 1)
 
 
+def test_pack_stager_writes_the_documented_records_across_buffer_boundaries(tmp_path):
+    """bs_packw lays out header + records exactly as FORMAT.md says (struct-packed here, independently),
+    across staging-buffer boundaries, with zero padding to a whole block and the right offsets."""
+    from blocksnap.store import chunks
+
+    rng = random.Random(11)
+    window = bytearray(rng.randbytes(64 << 10))
+    recs, expected_offsets = [], []
+    header = chunks.PACK_HEADER.pack(chunks.PACK_MAGIC, b"\x01" * 8)
+    expect = bytearray(header)
+    for k, (src, n) in enumerate([(0, 100), (100, 9000), (9100, 1), (9101, 20000), (40000, 4064), (0, 24000)]):
+        cid = xxhash.xxh3_128_digest(bytes([k]))
+        codec = k % 2
+        recs.append((cid, src, n, n + 7, codec))
+        expected_offsets.append(len(expect))
+        expect += chunks.RECORD.pack(chunks.RECORD_MAGIC, codec, n + 7, n, cid) + window[src:src + n]
+    path = tmp_path / "p.pack"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    stager = _native.PackStager(8192, 2)
+    try:
+        stager.begin(fd, header)
+        assert stager.add(window, recs[:3]) == expected_offsets[:3]
+        assert stager.add(window, recs[3:]) == expected_offsets[3:]
+        assert stager.offset == len(expect)
+        seq, size = stager.end()
+        assert size == len(expect)
+        stager.wait(seq)
+    finally:
+        stager.close()
+        os.close(fd)
+    data = path.read_bytes()
+    assert len(data) == -(-len(expect) // 4096) * 4096
+    assert data[:len(expect)] == bytes(expect)
+    assert data[len(expect):] == bytes(len(data) - len(expect))
+
+
+def test_pack_stager_reports_a_failed_write_and_refuses_bad_arguments(tmp_path):
+    """A write that fails in the I/O thread (here: a read-only descriptor) comes back as OSError with
+    its errno from a later call and from wait; bad buffer geometry or records outside the buffer
+    are refused before anything is written."""
+    path = tmp_path / "ro.pack"
+    path.write_bytes(b"")
+    fd = os.open(path, os.O_RDONLY)
+    stager = _native.PackStager(4096, 2)
+    window = bytes(64 << 10)
+    try:
+        stager.begin(fd, b"H" * 16)
+        with pytest.raises(OSError) as info:
+            for _ in range(16):
+                stager.add(window, [(bytes(16), 0, 60000, 60000, 0)])
+            seq, _ = stager.end()
+            stager.wait(seq)
+        assert info.value.errno == errno.EBADF
+        with pytest.raises(OSError):
+            stager.wait(1)
+        with pytest.raises(ValueError):
+            stager.add(window, [(bytes(16), 60000, 8000, 8000, 0)])
+    finally:
+        stager.close()
+        os.close(fd)
+    assert path.read_bytes() == b""
+    for stage_bytes, stages in ((1000, 2), (4096, 1), (0, 2)):
+        with pytest.raises(ValueError):
+            _native.PackStager(stage_bytes, stages)
+
+
 def test_restore_chunks_writes_checked_chunks_and_names_the_damaged_one(tmp_path):
     """bs_restore_chunks writes verified chunks and stops at a record whose bytes do not hash to its id."""
     from blocksnap.store import chunks

@@ -8,10 +8,8 @@ record. The interface (writer / read / reclaim / list / remove) is what a
 later object-store backend implements too.
 """
 import collections
-import concurrent.futures
 import errno
 import fcntl
-import mmap
 import os
 import secrets
 import struct
@@ -230,43 +228,30 @@ class PackStore:
         return total
 
 
-def _write_all(fd, stage, length, offset):
-    done = os.pwrite(fd, memoryview(stage)[:length], offset)
-    if done != length:  # a short write only happens when the file system is full
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
 class PackWriter:
     """Appends chunk records to fresh pack files of one writer.
 
-    Records are assembled in a page-aligned staging buffer and written in
-    STAGE_BYTES pieces with O_DIRECT where the file system allows it: the
-    data goes to the device without being copied into the page cache, which
-    saves the creating process about a third of its CPU time and leaves the
-    host's cache to its VMs. The last piece of a pack is padded with zeros to
-    a whole block, so a pack file may be up to 4095 bytes longer than its
-    records (docs/FORMAT.md). Where O_DIRECT is refused (tmpfs), writes go
-    through the page cache instead.
+    The C core (bs_packw, ``_native.PackStager``) assembles records in page-aligned staging
+    buffers and writes them in STAGE_BYTES pieces from an I/O thread of its own, with O_DIRECT
+    where the file system allows it: the data goes to the device without being copied into the
+    page cache, which saves the creating process about a third of its CPU time and leaves the
+    host's cache to its VMs. Neither the copy nor the writes need the GIL, so the device keeps
+    writing while Python works. The last piece of a pack is padded with zeros to a whole block,
+    so a pack file may be up to 4095 bytes longer than its records (docs/FORMAT.md). Where
+    O_DIRECT is refused (tmpfs), writes go through the page cache instead.
 
-    ``detach`` hands a finished pack over for ``PackStore.make_durable``; a
-    record is only indexed after its pack is durable.
+    One thread adds. ``detach`` hands a finished pack over; whoever takes it calls ``wait`` with
+    its write number before ``PackStore.make_durable``; a record is only indexed after its pack
+    is durable.
     """
 
     def __init__(self, store):
         self.store = store
         self.pack_id = None
         self._fd = None
-        self._offset = 0  # logical end of the pack's records
         self._records = []  # (chunk_id, offset, stored_len, raw_len, codec)
-        # Page-aligned staging buffers (O_DIRECT needs the alignment): one fills while the others
-        # wait for or are in the I/O thread's write, so device writes overlap everything else.
-        self._stages = [mmap.mmap(-1, STAGE_BYTES) for _ in range(STAGES)]
-        self._inflight = [None] * STAGES  # the pending write of each staging buffer
-        self._cur = 0
-        self._stage = self._stages[0]
-        self._staged = 0  # bytes in the current staging buffer
-        self._flushed = 0  # file offset where the current staging buffer starts
-        self._io = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="blocksnap-packio")
+        self._stager = _native.PackStager(STAGE_BYTES, STAGES)
+        self._last_seq = 0  # number of the last write handed to the I/O thread
         self.written = []  # ids of every pack this writer created
 
     def _open(self):
@@ -279,79 +264,73 @@ class PackWriter:
             fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) | os.O_DIRECT)
         except OSError:
             pass  # no O_DIRECT here: buffered writes
-        self._staged = self._flushed = 0
-        header = PACK_HEADER.pack(PACK_MAGIC, self.pack_id)
-        self._append(header)
-        self._offset = len(header)
+        self._stager.begin(self._fd, PACK_HEADER.pack(PACK_MAGIC, self.pack_id))
 
-    def _append(self, data):
-        data = memoryview(data).cast("B")
-        while len(data):
-            n = min(len(data), STAGE_BYTES - self._staged)
-            self._stage[self._staged:self._staged + n] = data[:n]
-            self._staged += n
-            data = data[n:]
-            if self._staged == STAGE_BYTES:
-                self._flush(STAGE_BYTES)
+    def add_many(self, base, recs):
+        """Append records whose stored bytes lie in ``base``.
 
-    def _flush(self, length):
-        """Start writing the current staging buffer; continue in the other one."""
-        self._inflight[self._cur] = self._io.submit(_write_all, self._fd, self._stage, length, self._flushed)
-        self._flushed += length
-        self._staged = 0
-        self._cur = (self._cur + 1) % STAGES
-        self._stage = self._stages[self._cur]
-        self._wait(self._cur)  # its previous write must be done before it is refilled
-
-    def _wait(self, which):
-        fut, self._inflight[which] = self._inflight[which], None
-        if fut is not None:
-            fut.result()  # raises the write's OSError (ENOSPC) here
-
-    def _drain(self):
-        for which in range(STAGES):
-            self._wait(which)
+        Args:
+            base: a buffer (a scanned window).
+            recs: ``(chunk_id, src_off, stored_len, raw_len, codec)``, the stored bytes at
+                ``base[src_off:src_off + stored_len]``. They are copied before this returns.
+        Returns:
+            True when the pack is full and should be detached.
+        """
+        if self._fd is None:
+            self._open()
+        offsets = self._stager.add(base, recs)
+        for (cid, _, stored_len, raw_len, codec), off in zip(recs, offsets):
+            self._records.append((cid, off, stored_len, raw_len, codec))
+        return self._stager.offset >= PACK_TARGET
 
     def add(self, chunk_id, codec, stored, raw_len):
         """Append one encoded chunk. Returns True when the pack is full and should be detached."""
-        if self._fd is None:
-            self._open()
-        self._append(RECORD.pack(RECORD_MAGIC, codec, raw_len, len(stored), chunk_id))
-        self._append(stored)
-        self._records.append((chunk_id, self._offset, len(stored), raw_len, codec))
-        self._offset += RECORD.size + len(stored)
-        return self._offset >= PACK_TARGET
+        return self.add_many(stored, [(chunk_id, 0, len(stored), raw_len, codec)])
 
     def detach(self):
-        """Write out the current pack and hand it over: ``(pack_id, fd, size, records)``, or None.
+        """Hand the current pack over: ``(pack_id, fd, size, records, write_number)``, or None.
 
-        The next ``add`` starts a new pack. The caller passes the tuple to
-        :meth:`PackStore.make_durable` (possibly in another thread) before indexing it.
+        Its last piece may still be on its way to the device: the taker calls
+        ``wait(write_number)`` before :meth:`PackStore.make_durable` or closing ``fd``. The next
+        ``add`` starts a new pack.
         """
         if self._fd is None:
             return None
-        if self._staged:
-            padded = -(-self._staged // BLOCK) * BLOCK
-            self._stage[self._staged:padded] = bytes(padded - self._staged)
-            self._flush(padded)
-        self._drain()
-        out = (self.pack_id, self._fd, self._offset, self._records)
-        self._fd, self._records, self._offset = None, [], 0
+        seq, size = self._stager.end()
+        self._last_seq = seq
+        out = (self.pack_id, self._fd, size, self._records, seq)
+        self._fd, self._records = None, []
         return out
 
+    def wait(self, seq):
+        """Block until this writer's writes up to number ``seq`` are done (raises their OSError)."""
+        self._stager.wait(seq)
+
     def abort(self):
-        """Close without sealing (the pack stays for gc, or for the caller to remove)."""
-        try:
-            self._drain()
-        except OSError:
-            pass  # the pack is being abandoned anyway
+        """Stop without sealing: wait for the writes in flight, close the open pack (it stays for
+        gc, or for the caller to remove) and the I/O thread."""
         if self._fd is not None:
+            try:
+                self._last_seq, _ = self._stager.end()
+            except OSError:
+                pass  # the pack is being abandoned anyway
+            try:
+                self._stager.wait(self._last_seq)  # the I/O thread is done with the descriptor
+            except OSError:
+                pass
             os.close(self._fd)
             self._fd = None
         self._records = []
-        self._staged = 0
         self.close()
 
     def close(self):
-        """Stop the I/O thread (after ``detach`` or ``abort``)."""
-        self._io.shutdown(wait=True)
+        """Wait for every write handed over, then stop the I/O thread (after ``detach`` or ``abort``)."""
+        if self._stager is None:
+            return
+        try:
+            self._stager.wait(self._last_seq)
+        except OSError:
+            pass  # reported by the call that handed the failing write over
+        finally:
+            self._stager.close()
+            self._stager = None
