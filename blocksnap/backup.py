@@ -32,6 +32,7 @@ from .store import meta
 WINDOW_BYTES = 4 << 20
 BUFFERS = 8  # windows in flight: bounds memory at BUFFERS * WINDOW_BYTES
 SCANNERS = 2
+_FRESH = object()  # in the free-buffer queue: a buffer not made yet
 PROGRESS_INTERVAL = 0.5  # seconds between Progress updates other processes can see
 
 
@@ -204,7 +205,7 @@ class _Create:
         windows_lock = threading.Lock()
         free = queue.Queue()
         for _ in range(BUFFERS):
-            free.put(bytearray(window))
+            free.put(_FRESH)  # a scanner makes the buffer when it first takes it: no serial start-up
         ready = queue.Queue()
         to_seal = queue.Queue()
         failures = []
@@ -230,8 +231,10 @@ class _Create:
                     break
                 off, length = nxt
                 buf = free.get()
-                if stop.is_set():
+                if buf is None or stop.is_set():
                     break
+                if buf is _FRESH:
+                    buf = bytearray(window)
                 k = off // cs
                 ids, flags, changed = scanner.scan(img.fd, off, length, buf,
                                                    parent_map[16 * k:16 * (k + per_window)])
@@ -289,7 +292,7 @@ class _Create:
         finally:
             if stop.is_set():
                 for _ in range(SCANNERS):
-                    free.put(bytearray(window))  # wake scanners waiting for a buffer
+                    free.put(None)  # wake scanners waiting for a buffer
             to_seal.put(None)
             sealer.join()
             if not stop.is_set():
