@@ -311,3 +311,20 @@ def test_cli_rejection_stores_nothing(client, repo_path, disk):
     assert proc.returncode == 2 and "InvalidRetentionDays.Malformed" in proc.stderr
     assert state(client, repo_path) == before
 
+
+
+def test_request_ids_are_random_uppercase_uuid4():
+    """RequestIds parse as RFC 4122 version-4 UUIDs (checked with the uuid module), are upper case
+    like the cloud API's, and do not repeat."""
+    import uuid
+
+    from blocksnap.api import request_id
+
+    seen = set()
+    for _ in range(2000):
+        rid = request_id()
+        parsed = uuid.UUID(rid)
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        assert rid == str(parsed).upper()
+        seen.add(rid)
+    assert len(seen) == 2000
