@@ -246,17 +246,26 @@ class _Create:
             ready.put(None)
 
         def seal_packs():
+            # Runs until the None at the end, so every handed-over pack's descriptor gets closed, also
+            # after a failure (then only once the I/O thread is done with it).
             while True:
                 handed = to_seal.get()
                 if handed is None:
                     break
-                if stop.is_set():
+                if not stop.is_set():
                     try:
-                        self.writer.wait(handed[4])  # the I/O thread must be done with the descriptor
-                    finally:
-                        os.close(handed[1])
+                        self._index_pack(handed)  # closes the descriptor, also when it raises
+                    except BaseException as exc:  # re-raised by the calling thread
+                        failures.append(exc)
+                        stop.set()
+                        ready.put(None)
                     continue
-                self._index_pack(handed)
+                try:
+                    self.writer.wait(handed[4])
+                except OSError:
+                    pass  # the create is failing already
+                finally:
+                    os.close(handed[1])
 
         scanners = [threading.Thread(target=guarded(scan_windows), name=f"blocksnap-scan{i}", daemon=True)
                     for i in range(SCANNERS)]
