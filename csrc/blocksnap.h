@@ -211,4 +211,10 @@ int bs_packw_end(bs_packw *w, uint64_t *seq_out, uint64_t *size_out, int *err_ou
 int bs_packw_wait(bs_packw *w, uint64_t seq, int *err_out);
 /* CDEF-END */
 
+/* Internal to the C core (not part of the cffi interface). */
+
+/* bs_write_full: pwrite all of p[0:len) at off, retrying after EINTR and short writes. BS_EIO with
+ * *err_out = errno when a write fails, ENOSPC when one makes no progress. */
+int bs_write_full(int fd, const uint8_t *p, size_t len, uint64_t off, int *err_out);
+
 #endif

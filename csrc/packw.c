@@ -13,12 +13,10 @@
  * every later call; the caller then abandons the packs.
  */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <unistd.h>
 
 #include "blocksnap.h"
 
@@ -53,24 +51,6 @@ struct bs_packw {
     pthread_cond_t work, done;
 };
 
-static int write_all(int fd, const uint8_t *p, size_t len, uint64_t off)
-{
-    while (len) {
-        ssize_t r = pwrite(fd, p, len, (off_t)off);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            return errno;
-        }
-        if (r == 0)
-            return ENOSPC; /* a short write only happens when the file system is full */
-        p += r;
-        off += (uint64_t)r;
-        len -= (size_t)r;
-    }
-    return 0;
-}
-
 static void *io_main(void *arg)
 {
     bs_packw *w = arg;
@@ -83,7 +63,9 @@ static void *io_main(void *arg)
         job j = w->queue[w->qhead];
         int failed = w->err;
         pthread_mutex_unlock(&w->mu);
-        int e = failed ? 0 : write_all(j.fd, w->stages[j.stage], j.len, j.off);
+        int e = 0;
+        if (!failed)
+            bs_write_full(j.fd, w->stages[j.stage], j.len, j.off, &e);
         pthread_mutex_lock(&w->mu);
         if (e && !w->err)
             w->err = e;
