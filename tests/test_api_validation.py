@@ -328,3 +328,21 @@ def test_request_ids_are_random_uppercase_uuid4():
         assert rid == str(parsed).upper()
         seen.add(rid)
     assert len(seen) == 2000
+
+
+def test_new_ids_are_well_formed_and_uniform():
+    """DiskId/SnapshotId bodies are 20 characters of [a-z0-9]; every character is equally likely (a
+    plain modulo of random bytes would favour the first four by 14 %, which this bound catches)."""
+    import collections
+    import re
+
+    from blocksnap.repository import ID_ALPHABET, new_id
+
+    counts = collections.Counter()
+    for _ in range(20000):
+        sid = new_id("s-")
+        assert re.fullmatch(r"s-[a-z0-9]{20}", sid)
+        counts.update(sid[2:])
+    expected = 20000 * 20 / len(ID_ALPHABET)  # 11111; one standard deviation is about 104
+    assert set(counts) == set(ID_ALPHABET)
+    assert all(abs(c - expected) < 700 for c in counts.values()), counts

@@ -11,7 +11,6 @@ import collections
 import errno
 import fcntl
 import os
-import secrets
 import struct
 import threading
 
@@ -256,7 +255,7 @@ class PackWriter:
         self.written = []  # ids of every pack this writer created
 
     def _open(self):
-        self.pack_id = secrets.token_bytes(8)
+        self.pack_id = os.urandom(8)
         path = self.store.path(self.pack_id)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
