@@ -108,7 +108,7 @@ class _Create:
         self.progress = progress
         self.cs = repo.chunk_size
         self.stats = _Stats()
-        self.writer = repo.packs.writer()
+        self.writer = None  # made when data is about to flow: it owns an I/O thread and 8 MiB of buffers
         self.pending = set()  # ids in the unsealed pack
         self.indexed = []  # ids this create indexed (refcount 0 until commit)
         self.sealed = set()  # packs this create indexed
@@ -201,6 +201,7 @@ class _Create:
         per_window = max(WINDOW_BYTES // cs, 1)
         window = per_window * cs
         new_map = bytearray(16 * -(-img.size // cs))
+        self.writer = self.repo.packs.writer()
         windows = self._data_windows(img, window)
         windows_lock = threading.Lock()
         free = queue.Queue()
@@ -441,10 +442,11 @@ class _Create:
 
     def _fail(self, exc, repo_lock):
         """Mark the snapshot failed and give back what it wrote, as far as that is safe now."""
-        self.writer.abort()
-        for pack_id in self.writer.written:
-            if pack_id not in self.sealed:
-                self.repo.packs.remove(pack_id)  # never indexed: nobody else can know it
+        if self.writer is not None:
+            self.writer.abort()
+            for pack_id in self.writer.written:
+                if pack_id not in self.sealed:
+                    self.repo.packs.remove(pack_id)  # never indexed: nobody else can know it
         try:
             with self.cat.write() as txn:
                 rec = self.cat.get_json(txn, "snapshots", self.rec["SnapshotId"])
