@@ -281,7 +281,8 @@ class PackWriter:
         offsets = self._stager.add(base, recs)
         for (cid, _, stored_len, raw_len, codec), off in zip(recs, offsets):
             self._records.append((cid, off, stored_len, raw_len, codec))
-        return self._stager.offset >= PACK_TARGET
+        end = offsets[-1] + RECORD.size + recs[-1][2] if recs else 0  # the pack's logical end
+        return end >= PACK_TARGET
 
     def add(self, chunk_id, codec, stored, raw_len):
         """Append one encoded chunk. Returns True when the pack is full and should be detached."""
