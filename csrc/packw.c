@@ -61,7 +61,9 @@ static void *io_main(void *arg)
         if (!w->qlen)
             break; /* stopped and drained */
         job j = w->queue[w->qhead];
-        int failed = w->err;
+        /* After a failure, or once the writer is being freed (nobody waits any more, and the
+         * descriptors may be closed already), queued buffers are dropped, not written. */
+        int failed = w->err || w->stop;
         pthread_mutex_unlock(&w->mu);
         int e = 0;
         if (!failed)
