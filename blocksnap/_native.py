@@ -252,7 +252,8 @@ class PackStager:
         return self._u64[0], self._u64[1]
 
     def wait(self, seq):
-        """Block until writes 1..seq are done; raises the first failed write's OSError."""
+        """Block until writes 1..seq are done (all handed over so far if seq is larger); raises the
+        first failed write's OSError."""
         _check(lib.bs_packw_wait(self._ptr, seq, self._err), self._err[0])
 
     def close(self):

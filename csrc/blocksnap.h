@@ -187,7 +187,8 @@ int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n,
  *                    hands it to the I/O thread and detaches the pack:
  *                    *size_out = its logical size, *seq_out = the number
  *                    of its last write. It does not wait.
- *   bs_packw_wait    blocks until writes 1..seq are done.
+ *   bs_packw_wait    blocks until writes 1..seq are done (every write handed
+ *                    over so far when seq is larger than the last number).
  * A failed write's errno is kept: that call and every later one return
  * BS_EIO with *err_out = errno (ENOSPC for a short write). The caller must
  * not close a pack's descriptor before bs_packw_wait for its seq returned.

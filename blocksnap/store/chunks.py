@@ -228,6 +228,9 @@ class PackStore:
         return total
 
 
+_EVERY_WRITE = (1 << 64) - 1  # for PackStager.wait: every write handed over so far
+
+
 class PackWriter:
     """Appends chunk records to fresh pack files of one writer.
 
@@ -251,7 +254,6 @@ class PackWriter:
         self._fd = None
         self._records = []  # (chunk_id, offset, stored_len, raw_len, codec)
         self._stager = _native.PackStager(STAGE_BYTES, STAGES)
-        self._last_seq = 0  # number of the last write handed to the I/O thread
         self.written = []  # ids of every pack this writer created
 
     def _open(self):
@@ -298,7 +300,6 @@ class PackWriter:
         if self._fd is None:
             return None
         seq, size = self._stager.end()
-        self._last_seq = seq
         out = (self.pack_id, self._fd, size, self._records, seq)
         self._fd, self._records = None, []
         return out
@@ -312,11 +313,11 @@ class PackWriter:
         gc, or for the caller to remove) and the I/O thread."""
         if self._fd is not None:
             try:
-                self._last_seq, _ = self._stager.end()
+                self._stager.end()
             except OSError:
                 pass  # the pack is being abandoned anyway
             try:
-                self._stager.wait(self._last_seq)  # the I/O thread is done with the descriptor
+                self._stager.wait(_EVERY_WRITE)  # the I/O thread is done with the descriptor
             except OSError:
                 pass
             os.close(self._fd)
@@ -329,7 +330,7 @@ class PackWriter:
         if self._stager is None:
             return
         try:
-            self._stager.wait(self._last_seq)
+            self._stager.wait(_EVERY_WRITE)
         except OSError:
             pass  # reported by the call that handed the failing write over
         finally:
