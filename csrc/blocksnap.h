@@ -214,8 +214,17 @@ int bs_packw_wait(bs_packw *w, uint64_t seq, int *err_out);
 
 /* Internal to the C core (not part of the cffi interface). */
 
+/* A pack record: 32-byte header (magic, codec, 3 reserved, raw_len, stored_len, id; big-endian
+ * integers, docs/FORMAT.md "Pack files"), then the stored bytes. */
+#define BS_RECORD_SIZE 32
+#define BS_RECORD_MAGIC "BSCK"
+
+/* bs_read_full: pread all of dst[0:len) from off, retrying after EINTR and short reads. BS_EIO
+ * with *err_out = errno when a read fails, BS_ESHORT when the file ends first (io.c). */
+int bs_read_full(int fd, uint8_t *dst, size_t len, uint64_t off, int *err_out);
+
 /* bs_write_full: pwrite all of p[0:len) at off, retrying after EINTR and short writes. BS_EIO with
- * *err_out = errno when a write fails, ENOSPC when one makes no progress. */
+ * *err_out = errno when a write fails, ENOSPC when one makes no progress (io.c). */
 int bs_write_full(int fd, const uint8_t *p, size_t len, uint64_t off, int *err_out);
 
 #endif

@@ -22,7 +22,6 @@
 
 #define ALIGN 4096
 #define HUGE_PAGE (2u << 20)
-#define RECORD_SIZE 32
 
 typedef struct {
     int fd;
@@ -224,22 +223,22 @@ int bs_packw_add(bs_packw *w, const uint8_t *base, const bs_pack_rec *recs, uint
         return BS_EINVAL;
     for (uint32_t k = 0; k < n; k++) {
         const bs_pack_rec *r = &recs[k];
-        uint8_t head[RECORD_SIZE];
-        memcpy(head, "BSCK", 4);
+        uint8_t head[BS_RECORD_SIZE];
+        memcpy(head, BS_RECORD_MAGIC, 4);
         head[4] = r->codec;
         head[5] = head[6] = head[7] = 0;
         put_be32(head + 8, r->raw_len);
         put_be32(head + 12, r->stored_len);
         memcpy(head + 16, r->id, BS_ID_LEN);
         offsets_out[k] = w->offset;
-        int err = append(w, head, RECORD_SIZE);
+        int err = append(w, head, BS_RECORD_SIZE);
         if (!err)
             err = append(w, base + r->src_off, r->stored_len);
         if (err) {
             *err_out = err;
             return BS_EIO;
         }
-        w->offset += RECORD_SIZE + (uint64_t)r->stored_len;
+        w->offset += BS_RECORD_SIZE + (uint64_t)r->stored_len;
     }
     return BS_OK;
 }

@@ -4,13 +4,9 @@
  * The record layout is docs/FORMAT.md, "Pack files".
  */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <string.h>
-#include <unistd.h>
 
 #include "blocksnap.h"
-
-#define RECORD_SIZE 32
 
 static uint32_t be32(const uint8_t *p)
 {
@@ -19,22 +15,12 @@ static uint32_t be32(const uint8_t *p)
 
 static int read_record(int fd, uint8_t *dst, size_t len, uint64_t off, int *detail)
 {
-    size_t got = 0;
-    while (got < len) {
-        ssize_t r = pread(fd, dst + got, len - got, (off_t)(off + got));
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            *detail = errno;
-            return BS_EIO;
-        }
-        if (r == 0) {
-            *detail = BS_DAMAGE_SHORT;
-            return BS_EDAMAGED;
-        }
-        got += (size_t)r;
+    int rc = bs_read_full(fd, dst, len, off, detail);
+    if (rc == BS_ESHORT) {
+        *detail = BS_DAMAGE_SHORT;
+        return BS_EDAMAGED;
     }
-    return BS_OK;
+    return rc;
 }
 
 int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n, int out_fd,
@@ -45,18 +31,18 @@ int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n,
     for (uint32_t k = 0; k < n; k++) {
         const bs_restore_item *it = &items[k];
         *failed_out = k;
-        if (RECORD_SIZE + (size_t)it->stored_len > scratch_len || it->raw_len > raw_len)
+        if (BS_RECORD_SIZE + (size_t)it->stored_len > scratch_len || it->raw_len > raw_len)
             return BS_EINVAL;
-        int rc = read_record(it->pack_fd, scratch, RECORD_SIZE + (size_t)it->stored_len, it->pack_offset,
+        int rc = read_record(it->pack_fd, scratch, BS_RECORD_SIZE + (size_t)it->stored_len, it->pack_offset,
                              detail_out);
         if (rc != BS_OK)
             return rc;
-        if (memcmp(scratch, "BSCK", 4) != 0 || scratch[4] != it->codec || be32(scratch + 8) != it->raw_len ||
+        if (memcmp(scratch, BS_RECORD_MAGIC, 4) != 0 || scratch[4] != it->codec || be32(scratch + 8) != it->raw_len ||
             be32(scratch + 12) != it->stored_len || memcmp(scratch + 16, it->id, BS_ID_LEN) != 0) {
             *detail_out = BS_DAMAGE_HEADER;
             return BS_EDAMAGED;
         }
-        const uint8_t *data = scratch + RECORD_SIZE;
+        const uint8_t *data = scratch + BS_RECORD_SIZE;
         if (it->codec != BS_CODEC_RAW) {
             if (bs_decode(codec, it->codec, data, it->stored_len, raw, it->raw_len) != BS_OK) {
                 *detail_out = BS_DAMAGE_DECODE;

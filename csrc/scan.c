@@ -35,25 +35,6 @@ static int next_data(int fd, uint64_t pos, uint64_t end, uint64_t *ds, uint64_t 
     return 1;
 }
 
-static int read_full(int fd, uint8_t *dst, size_t len, uint64_t off, int *err_out)
-{
-    while (len) {
-        ssize_t r = pread(fd, dst, len, (off_t)off);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            *err_out = errno;
-            return BS_EIO;
-        }
-        if (r == 0)
-            return BS_ESHORT;
-        dst += r;
-        off += (uint64_t)r;
-        len -= (size_t)r;
-    }
-    return BS_OK;
-}
-
 int bs_scan(int fd, uint64_t offset, uint64_t length, uint32_t chunk_size,
             uint8_t *buf, size_t buf_len,
             const uint8_t *parent_ids, uint32_t parent_n,
@@ -89,7 +70,7 @@ int bs_scan(int fd, uint64_t offset, uint64_t length, uint32_t chunk_size,
         uint64_t re = offset + last * chunk_size;
         if (re > end)
             re = end;
-        int rc = read_full(fd, buf + (rs - offset), (size_t)(re - rs), rs, err_out);
+        int rc = bs_read_full(fd, buf + (rs - offset), (size_t)(re - rs), rs, err_out);
         if (rc != BS_OK)
             return rc;
         memset(flags_out + first, 0, (size_t)(last - first));

@@ -1,33 +1,6 @@
-/*
- * bs_pwrite_sparse: write a buffer, leaving all-zero blocks as holes (as cp --sparse=always does);
- * bs_write_full: the pwrite loop it and the pack writer share.
- */
-#define _GNU_SOURCE
-#include <errno.h>
-#include <unistd.h>
+/* bs_pwrite_sparse: write a buffer, leaving all-zero blocks as holes (as cp --sparse=always does). */
 
 #include "blocksnap.h"
-
-int bs_write_full(int fd, const uint8_t *p, size_t len, uint64_t off, int *err_out)
-{
-    while (len) {
-        ssize_t w = pwrite(fd, p, len, (off_t)off);
-        if (w < 0) {
-            if (errno == EINTR)
-                continue;
-            *err_out = errno;
-            return BS_EIO;
-        }
-        if (w == 0) {
-            *err_out = ENOSPC; /* no progress: only a full file system does that */
-            return BS_EIO;
-        }
-        p += w;
-        off += (uint64_t)w;
-        len -= (size_t)w;
-    }
-    return BS_OK;
-}
 
 int bs_pwrite_sparse(int fd, const uint8_t *data, size_t len, uint64_t offset,
                      uint32_t block_size, int *err_out)
