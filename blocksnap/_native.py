@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "(needs libxxhash-dev and a C compiler)."
     ) from exc
 
-ABI_VERSION = 6
+ABI_VERSION = 7
 ID_LEN = lib.BS_ID_LEN
 ZERO_ID = bytes(ID_LEN)
 
@@ -280,6 +280,7 @@ class Restorer:
 
         Args:
             items: ``(pack_fd, record_offset, stored_len, raw_len, codec, chunk_id, out_offset)`` tuples.
+            out_fd: where the chunks go; -1 only checks them (verify).
             sparse_block: leave all-zero blocks of this size unwritten (0: write everything).
         Raises:
             RestoreDamage (with the failing item's index), OSError (with ``.index`` set).

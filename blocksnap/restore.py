@@ -7,8 +7,9 @@ Every chunk is checked against its id as it is read. Two worker threads
 each hand batches of 32 chunks to the C core (bs_restore_chunks), which
 reads, checks, decodes, verifies and writes them without the GIL.
 
-Verify re-reads stored chunks and checks their ids and record headers, then
-names every snapshot and offset a bad chunk affects.
+Verify re-reads stored chunks through the same C checks (record header,
+decoding, XXH3-128 against the id) without writing, then names every
+snapshot and offset a bad chunk affects.
 """
 import concurrent.futures
 import errno
@@ -20,7 +21,6 @@ import lmdb
 
 from . import _native, errors
 from .repository import ACCOMPLISHED, ZERO_ID, map_lmdb_error
-from .store.chunks import ChunkDamaged
 
 BATCH_CHUNKS = 32
 _tls = threading.local()
@@ -129,6 +129,15 @@ def _zero_range(fd, off, length, can_punch, zeros):
     os.pwrite(fd, zeros[:length], off)
 
 
+def _restorer(chunk_size):
+    """This thread's C restore state (zstd context and buffers) for chunks of ``chunk_size``."""
+    restorer = getattr(_tls, "restorer", None)
+    if restorer is None or restorer.chunk_size != chunk_size:
+        restorer = _tls.restorer = _native.Restorer(chunk_size)
+        restorer.chunk_size = chunk_size
+    return restorer
+
+
 def _restore_into(repo, fd, fresh, ids, size, progress):
     cs = repo.chunk_size
     n = len(ids) // 16
@@ -136,10 +145,7 @@ def _restore_into(repo, fd, fresh, ids, size, progress):
     zeros = bytes(cs)
 
     def work(batch):
-        restorer = getattr(_tls, "restorer", None)
-        if restorer is None or restorer.chunk_size != cs:
-            restorer = _tls.restorer = _native.Restorer(cs)
-            restorer.chunk_size = cs
+        restorer = _restorer(cs)
         items, done = [], 0
         for i, cid, entry in batch:
             off = i * cs
@@ -232,19 +238,11 @@ def verify(repo, snapshot_id=None, progress=None):
         total = sum(e[3] for e, _ in todo)
         done = 0
 
-        def check(item):
-            entry, cid = item
-            try:
-                repo.packs.read(cid, *entry[:3], entry[3], entry[4])
-                return cid, None, entry[3]
-            except ChunkDamaged as exc:
-                return cid, str(exc), entry[3]
-
+        batches = [todo[k:k + BATCH_CHUNKS] for k in range(0, len(todo), BATCH_CHUNKS)]
         with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="blocksnap-verify") as pool:
-            for cid, problem, raw in pool.map(check, todo, chunksize=16):
+            for problems_of_batch, raw in pool.map(lambda b: _check_batch(repo, b), batches):
                 done += raw
-                if problem:
-                    bad[cid] = problem
+                bad.update(problems_of_batch)
                 if progress:
                     progress(done, total)
     finally:
@@ -259,6 +257,37 @@ def verify(repo, snapshot_id=None, progress=None):
         damaged.append({"ChunkId": cid.hex(), "Problem": problem, "Affected": affected})
     return {"Checked": len(todo), "CheckedBytes": sum(e[3] for e, _ in todo), "Damaged": damaged,
             "Problems": problems, "Snapshots": len(maps)}
+
+
+def _check_batch(repo, batch):
+    """Check stored chunks ``[(entry, chunk_id)]`` with the restore path's C checks, writing nothing.
+
+    Returns:
+        ``({chunk_id: problem}, raw bytes checked)``; a damaged chunk does not stop the batch.
+    """
+    restorer = _restorer(repo.chunk_size)
+    bad, items, where = {}, [], []
+    for entry, cid in batch:
+        pack_id, rec_off, stored, raw, codec = entry[:5]
+        try:
+            pack_fd = repo.packs.fd(pack_id)
+        except OSError as exc:
+            bad[cid] = f"pack {pack_id.hex()}: {exc.strerror}"
+            continue
+        items.append((pack_fd, rec_off, stored, raw, codec, cid, 0))
+        where.append(f"pack {pack_id.hex()} offset {rec_off}")
+    start = 0
+    while start < len(items):
+        try:
+            restorer.restore(items[start:], -1, 0)
+            break
+        except _native.RestoreDamage as exc:
+            k, problem = start + exc.index, exc.problem
+        except OSError as exc:
+            k, problem = start + exc.index, exc.strerror
+        bad[items[k][5]] = f"{where[k]}: {problem}"
+        start = k + 1
+    return bad, sum(entry[3] for entry, _ in batch)
 
 
 def _check_refcounts(repo, txn, maps):

@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
-#define BS_ABI_VERSION 6
+#define BS_ABI_VERSION 7
 
 #define BS_OK 0
 #define BS_EINVAL -1 /* an argument is out of range; nothing was written */
@@ -159,7 +159,8 @@ typedef struct {
  * bs_restore_chunks: for each item: read its record, check the header
  * against the item, decode, check the XXH3-128 against the id, and write
  * the bytes to out_fd at out_offset (skipping all-zero sparse_block blocks
- * when sparse_block > 0, see bs_pwrite_sparse). scratch must hold
+ * when sparse_block > 0, see bs_pwrite_sparse). out_fd < 0 checks only:
+ * that is how verify reads the repository. scratch must hold
  * 32 + the largest stored_len, raw the largest raw_len. Stops at the first
  * failure: *failed_out = its index, and BS_EIO (*detail_out = errno, from
  * a read or write) or BS_EDAMAGED (*detail_out = BS_DAMAGE_*). On success

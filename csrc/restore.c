@@ -1,6 +1,6 @@
 /*
- * bs_restore_chunks: the restore hot path in one call per batch, GIL
- * released: read a pack record, check it, decode, verify the id, write.
+ * bs_restore_chunks: the restore and verify hot path in one call per batch,
+ * GIL released: read a pack record, check it, decode, verify the id, write.
  * The record layout is docs/FORMAT.md, "Pack files".
  */
 #define _GNU_SOURCE
@@ -59,6 +59,8 @@ int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n,
             *detail_out = BS_DAMAGE_HASH;
             return BS_EDAMAGED;
         }
+        if (out_fd < 0)
+            continue; /* checking only (verify) */
         rc = bs_pwrite_sparse(out_fd, data, it->raw_len, it->out_offset, sparse_block, detail_out);
         if (rc != BS_OK)
             return rc;

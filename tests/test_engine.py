@@ -220,6 +220,35 @@ def test_verify_reports_a_missing_pack(client, make_image, repo_path):
         client.restore(out["Damaged"][0]["Affected"][0]["SnapshotId"], "x.raw")
 
 
+def test_verify_goes_on_past_damage_in_a_batch_and_names_each_problem(client, make_image):
+    """Two corrupted chunks and a torn last record in one pack are each reported with what is wrong;
+    every other chunk of the same pack still checks out."""
+    blocks = [rand(CS, 40 + k) for k in range(8)]
+    img = make_image("a.raw", 8 * CS, [(k * CS, b) for k, b in enumerate(blocks)])
+    snap(client, client.add_disk(img)["DiskId"])
+    cat = client.repo.catalog
+    with cat.read() as txn:
+        entries = [cat.get_chunk(txn, xxhash.xxh3_128_digest(b)) for b in blocks]
+    assert len({e[0] for e in entries}) == 1  # one pack
+    path = client.repo.packs.path(entries[0][0])
+    with open(path, "r+b") as f:
+        for k in (1, 4):
+            f.seek(entries[k][1] + 32 + 7)
+            f.write(b"\x00\xff" * 8)
+        last = max(entries, key=lambda e: e[1])
+        f.truncate(last[1] + 32 + 100)  # the pack now ends inside its last record
+    client.repo.packs.close()
+    out = client.verify()
+    problems = {d["ChunkId"]: d["Problem"] for d in out["Damaged"]}
+    torn = entries.index(last)
+    assert set(problems) == {xxhash.xxh3_128_digest(blocks[k]).hex() for k in {1, 4, torn}}
+    for k in (1, 4):
+        if k != torn:
+            assert problems[xxhash.xxh3_128_digest(blocks[k]).hex()].endswith("content does not hash to its id")
+    assert problems[xxhash.xxh3_128_digest(blocks[torn]).hex()].endswith("the pack ends inside the record")
+    assert out["Checked"] == 8 and not out["Ok"]
+
+
 def test_retention_days_expire_at_gc(client, make_image):
     """A snapshot past its RetentionDays is deleted by gc; others stay."""
     img = make_image("a.raw", MiB, [(0, rand(MiB, 18))])

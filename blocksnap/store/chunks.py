@@ -35,28 +35,6 @@ FDS_PER_THREAD = 64
 STAGE_BYTES = 4 << 20  # a pack is written in pieces of this size
 STAGES = 2  # staging buffers per writer
 
-_tls = threading.local()
-
-
-def codec():
-    """This thread's zstd context (contexts are not shared between threads)."""
-    ctx = getattr(_tls, "codec", None)
-    if ctx is None:
-        ctx = _tls.codec = _native.Codec(ZSTD_LEVEL, ZSTD_HASH_LOG)
-    return ctx
-
-
-def decode(codec_id, stored, raw_len):
-    """The chunk's bytes from its stored form (raises ValueError on garbage)."""
-    if codec_id == CODEC_RAW:
-        if len(stored) != raw_len:
-            raise ValueError("stored length differs from the index")
-        return stored
-    if codec_id != CODEC_ZSTD:
-        raise ValueError(f"unknown codec {codec_id}")
-    return codec().decode(codec_id, stored, raw_len)
-
-
 def fsync_dir(path):
     """Make the names in a directory durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -64,10 +42,6 @@ def fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class ChunkDamaged(Exception):
-    """A stored chunk is missing, unreadable or does not hash to its id."""
 
 
 class PackStore:
@@ -116,29 +90,6 @@ class PackStore:
                 return
             del self._all_fds[fd]
         os.close(fd)
-
-    def read(self, chunk_id, pack_id, offset, stored_len, raw_len, codec, check=True):
-        """The raw bytes of one chunk, checked against its id.
-
-        Raises:
-            ChunkDamaged: the pack is missing, the record is torn or foreign, or the hash differs.
-        """
-        try:
-            blob = os.pread(self._fd(pack_id), RECORD.size + stored_len, offset)
-        except OSError as exc:
-            raise ChunkDamaged(f"pack {pack_id.hex()}: {exc.strerror}") from exc
-        if len(blob) != RECORD.size + stored_len:
-            raise ChunkDamaged(f"pack {pack_id.hex()} is truncated at offset {offset}")
-        magic, rcodec, rraw, rstored, rid = RECORD.unpack_from(blob)
-        if magic != RECORD_MAGIC or rid != chunk_id or rraw != raw_len or rstored != stored_len:
-            raise ChunkDamaged(f"pack {pack_id.hex()} offset {offset}: record header does not match the index")
-        try:
-            data = decode(codec, blob[RECORD.size:], raw_len)
-        except ValueError as exc:
-            raise ChunkDamaged(f"pack {pack_id.hex()} offset {offset}: {exc}") from exc
-        if check and _native.hash128(data) != chunk_id:
-            raise ChunkDamaged(f"pack {pack_id.hex()} offset {offset}: content does not hash to its id")
-        return data
 
     def close(self):
         """Close every cached descriptor (no reads may be in flight)."""
