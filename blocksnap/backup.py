@@ -432,7 +432,7 @@ class _Create:
             return exc
         if isinstance(exc, _native.ShortRead):
             return errors.ImageChanged(f"({path} shrank while it was read)")
-        if isinstance(exc, OSError) and exc.errno == 28:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             return errors.NoSpace()
         if isinstance(exc, lmdb.Error):
             return map_lmdb_error(exc)
