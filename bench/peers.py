@@ -26,6 +26,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -272,9 +273,20 @@ def parse_json_field(text, key):
 
 
 def blocksnap_command(override=None):
-    """argv prefix that runs the blocksnap CLI: --blocksnap, else PATH, else the in-tree module."""
+    """argv prefix that runs the blocksnap CLI.
+
+    In order: --blocksnap; the console script ``pip install`` put beside the Python running this
+    bench; ``blocksnap`` on PATH; the in-tree module. The console script comes before PATH because
+    PATH may hold a version manager's wrapper instead: pyenv's shim is a bash script that runs
+    ~10 processes (pyenv, readlink, pyenv-version, ...) before the real script, 50-60 ms per call
+    on the reference machine, which no installed copy of blocksnap pays (and borg, Debian's
+    /usr/bin/borg, does not either).
+    """
     if override:
         return shlex.split(override), f"--blocksnap {override!r}"
+    script = os.path.join(sysconfig.get_path("scripts"), "blocksnap")
+    if os.access(script, os.X_OK):
+        return [script], script
     found = shutil.which("blocksnap")
     if found:
         return [found], found
