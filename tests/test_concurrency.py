@@ -494,3 +494,24 @@ def test_deleting_from_the_middle_of_a_chain_keeps_every_other_snapshot(tmp_path
         assert out["Ok"] and out["Problems"] == [], out
         assert db_keys(client, "chunks") == referenced_chunks(client)
     assert list(saved) == [chain[0], chain[-1]]
+
+
+def test_restore_onto_a_full_file_system_fails_cleanly(tmp_path, small_fs):
+    """A restore whose output runs out of space mid-way (after some batches were written, in whichever
+    thread hits it) fails with RestoreFailed naming the output, one line from the CLI, no traceback."""
+    repo = str(tmp_path / "repo")
+    Client.init(repo, chunk_size=CHUNK)
+    big = write_random(tmp_path / "big.raw", 64 * MiB)
+    out = os.path.join(small_fs, "out.raw")
+    with Client(repo) as c:
+        sid = c.create_snapshot(c.add_disk(big)["DiskId"])["SnapshotId"]
+        with pytest.raises(errors.RestoreFailed) as info:
+            c.restore(sid, out)
+        assert "out.raw" in str(info.value) and "No space left" in str(info.value)
+        assert os.stat(out).st_blocks * 512 > 8 * MiB  # it failed part-way, not before writing
+    os.unlink(out)
+    proc = cli_child("--repo", repo, "restore", sid, out)
+    assert proc.returncode == errors.RestoreFailed.exit_code, proc.stderr
+    assert proc.stderr.startswith(f"blocksnap: error: {errors.RestoreFailed.code}: ")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+

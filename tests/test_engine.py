@@ -130,6 +130,28 @@ def test_restore_in_place_overwrites_without_truncating(client, make_image):
         assert len(f.read()) == 2 * MiB  # not truncated
 
 
+def test_restore_of_many_batches_is_byte_identical_and_sparse(client, make_image):
+    """A restore of many batches on two threads: random and text chunks, zero chunks, holes and zero
+    blocks inside chunks come back byte-identical and no less sparse than the image."""
+    from blocksnap import restore
+
+    text = b"".join(b"%06d GET /api/v1/disks 200 %d ms\n" % (k, k % 97) for k in range(60000))
+    extents, off = [], 0
+    for k in range(24):  # 24 x 1 MiB of data between holes: several 4 MiB batches
+        piece = rand(MiB, 100 + k) if k % 3 else text[k * 1000:k * 1000 + MiB]
+        if k % 5 == 0:
+            piece = piece[:MiB // 2] + bytes(MiB // 4) + piece[:MiB // 4]  # zero blocks inside chunks
+        extents.append((off, piece))
+        off += MiB + (k % 4) * MiB  # holes of 0-3 MiB between them
+    img = make_image("many.raw", off + 3 * MiB, extents)
+    assert (off + 3 * MiB) // CS > 4 * restore.BATCH_CHUNKS
+    sid = snap(client, client.add_disk(img)["DiskId"])
+    out = client.restore(sid, "many.out")
+    assert files_equal(img, "many.out")
+    assert out["RestoredBytes"] == record(client, sid)["LogicalBytes"]
+    assert os.stat("many.out").st_blocks <= os.stat(img).st_blocks
+
+
 def test_chain_delete_middle_keeps_others_identical(client, make_image, tmp_path):
     """Deleting a middle snapshot frees exactly its exclusive chunks; the others restore byte-identical."""
     img = make_image("a.raw", 2 * MiB, [(0, rand(2 * MiB, 12))])
@@ -445,3 +467,4 @@ def test_gc_waits_for_a_running_reader_and_says_so(client, make_image):
     assert done.is_set()
     client.restore(sid, "a.out")
     assert files_equal(img, "a.out")
+

@@ -542,30 +542,75 @@ def test_pack_stager_reports_a_failed_write_and_refuses_bad_arguments(tmp_path):
             _native.PackStager(stage_bytes, stages)
 
 
-def test_restore_chunks_writes_checked_chunks_and_names_the_damaged_one(tmp_path):
-    """bs_restore_chunks writes verified chunks and stops at a record whose bytes do not hash to its id."""
+def _pack_of(tmp_path, chunk_list, cs):
+    """A pack file holding ``chunk_list`` as records (zstd where it shrinks them), and restore items for it."""
     from blocksnap.store import chunks
 
-    cs = 64 << 10
-    data = [random.Random(k).randbytes(cs) for k in range(3)]
+    window = bytearray(cs * len(chunk_list))
+    for k, d in enumerate(chunk_list):
+        window[k * cs:k * cs + len(d)] = d
+    length = cs * (len(chunk_list) - 1) + len(chunk_list[-1])
+    codecs, lens = _native.Codec(1).encode_chunks(window, length, cs, list(range(len(chunk_list))), 8000)
     pack = tmp_path / "p.pack"
     items, pos = [], 16
     with open(pack, "wb") as f:
         f.write(bytes(16))
-        for k, d in enumerate(data):
+        for k, d in enumerate(chunk_list):
             cid = xxhash.xxh3_128_digest(d)
-            f.write(chunks.RECORD.pack(chunks.RECORD_MAGIC, 0, cs, cs, cid) + d)
-            items.append((None, pos, cs, cs, 0, cid, k * cs))
-            pos += 32 + cs
+            stored = bytes(window[k * cs:k * cs + lens[k]])
+            f.write(chunks.RECORD.pack(chunks.RECORD_MAGIC, codecs[k], len(d), lens[k], cid) + stored)
+            items.append((None, pos, lens[k], len(d), codecs[k], cid, k * cs))
+            pos += 32 + lens[k]
+    return pack, items, codecs
+
+
+def test_restore_chunks_round_trips_raw_and_zstd_records(tmp_path):
+    """bs_restore_chunks checks and decodes raw and zstd records (a short tail too) and writes them sparse."""
+    cs = 64 << 10
+    text = b"".join(b"%08d INFO service started worker=%d\n" % (k, k % 7) for k in range(4000))
+    data = [random.Random(0).randbytes(cs), text[:cs], random.Random(1).randbytes(cs),
+            text[1000:1000 + cs // 2] + bytes(cs // 2), text[5:5 + 1000]]  # the last one is a short tail
+    pack, items, codecs = _pack_of(tmp_path, data, cs)
+    assert set(codecs) == {_native.CODEC_RAW, _native.CODEC_ZSTD}
     out = tmp_path / "out.raw"
-    r = _native.Restorer(cs)
     with open(pack, "rb") as p, open(out, "wb") as o:
-        batch = [(p.fileno(),) + it[1:] for it in items]
-        r.restore(batch, o.fileno(), 4096)
+        _native.Restorer(cs).restore([(p.fileno(),) + it[1:] for it in items], o.fileno(), 4096)
+    assert out.read_bytes() == b"".join(d + bytes(cs - len(d)) for d in data[:-1]) + data[-1]
+    assert os.stat(out).st_blocks * 512 < 4 * cs + 4096  # the zero half of chunk 3 stayed a hole
+
+
+def test_restore_chunks_names_the_damaged_chunk(tmp_path):
+    """A record whose id, length or bytes do not match stops the batch at that chunk, with the problem named;
+    checking only (out_fd -1, as verify does) finds the same."""
+    cs = 64 << 10
+    data = [random.Random(k).randbytes(cs) for k in range(3)]
+    pack, items, _ = _pack_of(tmp_path, data, cs)
+    r = _native.Restorer(cs)
+    out = tmp_path / "out.raw"
+    with open(pack, "rb") as p, open(out, "wb") as o:
+        good = [(p.fileno(),) + it[1:] for it in items]
+        r.restore(good, o.fileno(), 4096)
         o.flush()
         assert out.read_bytes() == b"".join(data)
-        bad = list(batch)
+        bad = list(good)
         bad[1] = bad[1][:5] + (xxhash.xxh3_128_digest(b"other"),) + bad[1][6:]
+        for fd in (o.fileno(), -1):
+            with pytest.raises(_native.RestoreDamage) as exc:
+                r.restore(bad, fd, 0)
+            assert exc.value.index == 1 and "record header" in exc.value.problem
+        r.restore(bad[2:], -1, 0)  # verify goes on after a damaged chunk
+        torn = list(good)
+        torn[2] = torn[2][:1] + (torn[2][1] + 40,) + torn[2][2:]  # the record's tail lies past the end
         with pytest.raises(_native.RestoreDamage) as exc:
-            r.restore(bad, o.fileno(), 0)
-        assert exc.value.index == 1 and "record header" in exc.value.problem
+            r.restore(torn, -1, 0)
+        assert exc.value.index == 2 and exc.value.problem in ("the pack ends inside the record",
+                                                             "record header does not match the index")
+    with open(pack, "r+b") as f:  # one flipped byte inside chunk 0's data
+        f.seek(16 + 32 + 100)
+        b = f.read(1)
+        f.seek(16 + 32 + 100)
+        f.write(bytes([b[0] ^ 1]))
+    with open(pack, "rb") as p:
+        with pytest.raises(_native.RestoreDamage) as exc:
+            r.restore([(p.fileno(),) + it[1:] for it in items], -1, 0)
+        assert exc.value.index == 0 and "hash" in exc.value.problem
