@@ -78,6 +78,26 @@ def gnu_time():
     return path if "GNU" in (p.stdout + p.stderr) else None
 
 
+REPORTED_KIB = "/sys/module/page_reporting/parameters/reported_kib"
+
+
+def reported_kib():
+    """KiB of free memory the guest has handed back to the hypervisor so far (free page reporting), or None.
+
+    Memory handed back is slow to write into again (bench/README.md, "Why memory ..."), so the
+    report keeps how much went back while each step was prepared and while it ran.
+    """
+    try:
+        with open(REPORTED_KIB) as f:
+            return int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _mib_between(before, after):
+    return None if before is None or after is None else round((after - before) / 1024, 1)
+
+
 def warm_read(path):
     """Read every file under ``path`` once (untimed), so a warm-cache step really finds it cached.
 
@@ -165,16 +185,20 @@ class Bench:
         Args:
             warm: paths read once before a timed step when the cache is warm (not with --cold).
         The record has wall_s (spawn to reap), maxrss_kib (the command's own peak from GNU time,
-        else ``ru_maxrss`` from ``os.wait4``), rc, stdout and stderr.
+        else ``ru_maxrss`` from ``os.wait4``), user_s and sys_s, reported_mib_prep and
+        reported_mib_step (memory handed back to the hypervisor while the step was prepared and
+        while it ran, None without the counter), rc, stdout and stderr.
         """
         full_env = dict(os.environ)
         if env:
             full_env.update(env)
         argv = [str(a) for a in argv]
+        prep_start = reported_kib()
         if timed:
             self._prepare(warm)
             if not self.cold:
                 self._warm_program(argv, full_env)
+        step_start = reported_kib()
         rss_file = None
         launch = argv
         if self.time_cmd:
@@ -215,10 +239,17 @@ class Bench:
                 stderr += f"\n(GNU time could not start {argv[0]})"
         rec = {"tool": tool, "step": step, "argv": argv, "timed": timed,
                "wall_s": wall, "maxrss_kib": maxrss, "rc": rc,
-               "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "repeat": self.repeat}
+               "user_s": usage.ru_utime, "sys_s": usage.ru_stime, "repeat": self.repeat,
+               "reported_mib_prep": _mib_between(prep_start, step_start),
+               "reported_mib_step": _mib_between(step_start, reported_kib())}
         self.steps.append(rec)
         if not quiet:
-            self.log(f"  [{tool}] {step}: {wall:.2f} s, peak RSS {maxrss / 1024:.1f} MiB, rc {rc}")
+            back = ""
+            if rec["reported_mib_prep"] is not None:
+                back = (f", memory handed back to the host: {rec['reported_mib_prep']:.0f} MiB before, "
+                        f"{rec['reported_mib_step']:.0f} MiB during")
+            self.log(f"  [{tool}] {step}: {wall:.2f} s (CPU {usage.ru_utime + usage.ru_stime:.2f} s), "
+                     f"peak RSS {maxrss / 1024:.1f} MiB, rc {rc}{back}")
         rec["stdout"] = stdout
         rec["stderr"] = stderr
         if rc != 0:
