@@ -394,8 +394,12 @@ class Repository:
             txn.delete(snapshot_id.encode(), db=cat.db["snapmaps"])
             txn.delete(snapshot_id.encode(), db=cat.db["snapshots"])
             txn.delete(rec["SourceDiskId"].encode() + meta.U64.pack(rec["Seq"]), db=cat.db["disk_snaps"])
-            if rec.get("ClientToken"):
-                txn.delete(rec["ClientToken"].encode(), db=cat.db["tokens"])
+            token = rec.get("ClientToken")
+            if token:
+                # A retry after a failed create takes the token over: only its holder releases it.
+                held = cat.get_json(txn, "tokens", token)
+                if held is not None and held.get("SnapshotId") == snapshot_id:
+                    txn.delete(token.encode(), db=cat.db["tokens"])
         reclaimed = 0
         if dead and reclaim:
             lock = self.repo_lock()

@@ -230,6 +230,13 @@ def test_retry_after_failed_create_tries_again(client, disk):
     assert snap["Status"] == "accomplished"
     assert client.create_snapshot(disk, client_token="tok-fail")["SnapshotId"] == sid
     assert client.describe_snapshots(sizes=False)["TotalCount"] == 2
+    # Deleting the failed attempt leaves the token with the snapshot that took it over.
+    client.delete_snapshot(failed["SnapshotId"])
+    assert client.create_snapshot(disk, client_token="tok-fail")["SnapshotId"] == sid
+    assert client.describe_snapshots(sizes=False)["TotalCount"] == 1
+    # Deleting that one frees the token: the next request with it creates a new snapshot.
+    client.delete_snapshot(sid)
+    assert client.create_snapshot(disk, client_token="tok-fail")["SnapshotId"] not in (sid, failed["SnapshotId"])
 
 
 def test_concurrent_requests_on_a_creating_disk(client, disk):
