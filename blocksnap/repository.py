@@ -309,6 +309,9 @@ class Repository:
             sid = segs[i:i + 16]
             if sid != ZERO_ID:
                 seg_uses[sid] = seg_uses.get(sid, 0) + 1
+        # A chunk's refcount counts its places in distinct segments (add_map_refs), however many
+        # snapshots, or places in one map, use a segment: so count each place in an exclusive
+        # segment once.
         chunk_uses = {}
         for sid, uses in seg_uses.items():
             seg = cat.get_segment(txn, sid)
@@ -318,7 +321,7 @@ class Repository:
             for j in range(0, len(ids), 16):
                 cid = ids[j:j + 16]
                 if cid != ZERO_ID:
-                    chunk_uses[cid] = chunk_uses.get(cid, 0) + uses
+                    chunk_uses[cid] = chunk_uses.get(cid, 0) + 1
         freed = 0
         for cid, uses in chunk_uses.items():
             entry = cat.get_chunk(txn, cid)

@@ -191,6 +191,21 @@ def test_exclusive_bytes_matches_what_delete_frees(client, make_image):
     assert client.delete_snapshot(s2)["FreedChunks"] == 3
 
 
+def test_exclusive_bytes_of_a_map_that_repeats_a_segment(client, make_image):
+    """An image holding the same data twice, a whole map segment apart, stores it once and uses the same
+    segment twice: ExclusiveBytes is still all of it, as deleting the snapshot shows."""
+    from blocksnap.repository import SEGMENT_CHUNKS
+
+    seg = SEGMENT_CHUNKS * CS
+    data = rand(seg, 16)
+    img = make_image("twice.raw", 2 * seg, [(0, data), (seg, data)])
+    sid = snap(client, client.add_disk(img)["DiskId"])
+    rec = record(client, sid)
+    assert rec["AddedChunks"] == SEGMENT_CHUNKS
+    assert rec["ExclusiveBytes"] == rec["AddedBytes"] >= seg
+    assert client.delete_snapshot(sid)["FreedChunks"] == SEGMENT_CHUNKS
+
+
 def test_delete_then_gc_leaves_nothing_unreferenced(client, make_image):
     """After deleting every snapshot and gc, the chunk index and packs are empty."""
     img = make_image("a.raw", 2 * MiB, [(0, rand(2 * MiB, 15))])
