@@ -286,6 +286,30 @@ def test_verify_goes_on_past_damage_in_a_batch_and_names_each_problem(client, ma
     assert out["Checked"] == 8 and not out["Ok"]
 
 
+@pytest.mark.parametrize("field, value", [(2, 1 << 24), (3, CS + 1), (3, 100), (4, 7)])
+def test_a_damaged_index_entry_is_reported_not_crashed(client, make_image, field, value):
+    """An index entry whose stored or raw length (or codec) is impossible for this repository, as a flipped
+    bit in the catalog leaves it, is named by verify with the rest still checked, and stops a restore with
+    Repository.Damaged: never a traceback from the C core's argument checks."""
+    blocks = [rand(CS, 50 + k) for k in range(4)]
+    img = make_image("a.raw", 4 * CS, [(k * CS, b) for k, b in enumerate(blocks)])
+    sid = snap(client, client.add_disk(img)["DiskId"])
+    cat = client.repo.catalog
+    bad = xxhash.xxh3_128_digest(blocks[2])
+    with cat.write() as txn:
+        entry = list(cat.get_chunk(txn, bad))
+        entry[field] = value
+        cat.put_chunk(txn, bad, entry)
+    out = client.verify()
+    assert [d["ChunkId"] for d in out["Damaged"]] == [bad.hex()]
+    problem = out["Damaged"][0]["Problem"]
+    assert "index entry" in problem or "record header does not match the index" in problem
+    assert out["Checked"] == 4 and not out["Ok"]
+    with pytest.raises(errors.RepositoryDamaged) as exc:
+        client.restore(sid, "out.raw")
+    assert bad.hex() in str(exc.value)
+
+
 def test_retention_days_expire_at_gc(client, make_image):
     """A snapshot past its RetentionDays is deleted by gc; others stay."""
     img = make_image("a.raw", MiB, [(0, rand(MiB, 18))])
