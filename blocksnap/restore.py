@@ -76,14 +76,19 @@ def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, s
         InvalidSnapshotIdNotFound, IncorrectSnapshotStatus, OutputExists, RestoreFailed,
         RepositoryDamaged (a chunk failed its check; the output is then incomplete).
     """
-    rec = repo.get_snapshot(snapshot_id)
-    if rec["Status"] != ACCOMPLISHED:
-        raise errors.IncorrectSnapshotStatus(f"(snapshot {snapshot_id} is {rec['Status']})")
-    size = rec["SourceDiskSize"]
+    def accomplished(txn=None):
+        rec = repo.get_snapshot(snapshot_id, txn)
+        if rec["Status"] != ACCOMPLISHED:
+            raise errors.IncorrectSnapshotStatus(f"(snapshot {snapshot_id} is {rec['Status']})")
+        return rec
+
+    accomplished()  # fail fast, before waiting for a running gc
     lock = repo.repo_lock()
     lock.acquire(exclusive=False)
     try:
+        # Again under the lock, in the transaction that reads the map: a delete may have come between.
         with repo.catalog.read() as txn:
+            size = accomplished(txn)["SourceDiskSize"]
             ids = repo.snapshot_map(snapshot_id, txn)
         fd, fresh = _open_output(output, in_place, size)
         try:

@@ -310,6 +310,34 @@ def test_a_damaged_index_entry_is_reported_not_crashed(client, make_image, field
     assert bad.hex() in str(exc.value)
 
 
+def test_restore_of_a_snapshot_deleted_while_it_starts_is_not_found(client, make_image, monkeypatch):
+    """A delete landing between the restore's first look at the snapshot and its lock gives
+    InvalidSnapshotId.NotFound, not a claim that the repository is damaged."""
+    img = make_image("a.raw", MiB, [(0, rand(MiB, 60))])
+    sid = snap(client, client.add_disk(img)["DiskId"])
+    repo = client.repo
+    real_lock = repo.repo_lock
+    deleted = []
+
+    def lock_then_delete():
+        lock = real_lock()
+        acquire = lock.acquire
+
+        def acquire_after_delete(*args, **kw):
+            if not deleted:
+                deleted.append(sid)
+                repo.delete_snapshot(sid)
+            return acquire(*args, **kw)
+
+        lock.acquire = acquire_after_delete
+        return lock
+
+    monkeypatch.setattr(repo, "repo_lock", lock_then_delete)
+    with pytest.raises(errors.InvalidSnapshotIdNotFound):
+        client.restore(sid, "out.raw")
+    assert deleted == [sid] and not os.path.exists("out.raw")
+
+
 def test_retention_days_expire_at_gc(client, make_image):
     """A snapshot past its RetentionDays is deleted by gc; others stay."""
     img = make_image("a.raw", MiB, [(0, rand(MiB, 18))])
