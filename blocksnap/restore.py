@@ -140,9 +140,12 @@ def _zero_range(fd, off, length, can_punch, zeros):
             _native.punch_hole(fd, off, length)
             return
         except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV):
+            if exc.errno == errno.EINVAL:
+                pass  # a block device punches whole logical blocks only: this range (a tail) is not one
+            elif exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENODEV):
+                can_punch[0] = False
+            else:
                 raise
-            can_punch[0] = False
     os.pwrite(fd, zeros[:length], off)
 
 

@@ -46,3 +46,20 @@ def test_block_device_snapshot_restores_and_writes_back(client, loop_device, tmp
         os.fsync(f.fileno())
     client.restore(sid, dev, sync=True)  # an existing device is written in place
     assert files_equal(dev, tmp_path / "out.raw")
+
+
+def test_restore_onto_a_device_with_an_unaligned_zero_tail(client, make_image, loop_device):
+    """An image whose size is not a multiple of the device's block size and whose last chunk is zeros
+    restores onto a (larger) device: the unaligned tail that cannot be punched is written as zeros."""
+    dev, _ = loop_device
+    data = random.Random(3).randbytes(4 * MiB)
+    img = make_image("odd.raw", 4 * MiB + 100, [(0, data)])
+    sid = client.create_snapshot(client.add_disk(img)["DiskId"])["SnapshotId"]
+    with open(dev, "r+b") as f:
+        f.write(b"\xff" * (5 * MiB))
+        f.flush()
+        os.fsync(f.fileno())
+    client.restore(sid, dev, sync=True)
+    with open(dev, "rb") as f:
+        assert f.read(4 * MiB + 100) == data + bytes(100)
+        assert f.read(100) == b"\xff" * 100  # nothing past the image is touched
