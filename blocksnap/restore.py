@@ -103,6 +103,7 @@ def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, s
         raise map_lmdb_error(exc) from exc
     finally:
         lock.release()
+        repo.packs.release_ended_threads()
     return {"SnapshotId": snapshot_id, "Output": output, "Size": size, "RestoredBytes": written}
 
 
@@ -149,6 +150,21 @@ def _zero_range(fd, off, length, can_punch, zeros):
     os.pwrite(fd, zeros[:length], off)
 
 
+def _pack_fd(repo, pack_id):
+    """A pack's descriptor; OSError means the pack is missing or unreadable (damage).
+
+    Raises:
+        RepositoryError when the process or system is out of descriptors or memory: that says
+        nothing about the repository.
+    """
+    try:
+        return repo.packs.fd(pack_id)
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+            raise errors.RepositoryError(f"(cannot open pack {pack_id.hex()}: {exc.strerror})") from None
+        raise
+
+
 def _restorer(chunk_size):
     """This thread's C restore state (zstd context and buffers) for chunks of ``chunk_size``."""
     restorer = getattr(_tls, "restorer", None)
@@ -181,7 +197,7 @@ def _restore_into(repo, fd, fresh, ids, size, progress):
             if problem:
                 raise errors.RepositoryDamaged(f"chunk {cid.hex()} at offset {off}: {problem}")
             try:
-                pack_fd = repo.packs.fd(pack_id)
+                pack_fd = _pack_fd(repo, pack_id)
             except OSError as exc:
                 raise errors.RepositoryDamaged(f"chunk at offset {off}: pack {pack_id.hex()}: {exc.strerror}") from None
             items.append((pack_fd, rec_off, stored, raw, codec, cid, off))
@@ -272,6 +288,7 @@ def verify(repo, snapshot_id=None, progress=None):
                     progress(done, total)
     finally:
         lock.release()
+        repo.packs.release_ended_threads()
     damaged = []
     for cid, problem in sorted(bad.items()):
         affected = []
@@ -299,7 +316,7 @@ def _check_batch(repo, batch):
             bad[cid] = problem
             continue
         try:
-            pack_fd = repo.packs.fd(pack_id)
+            pack_fd = _pack_fd(repo, pack_id)
         except OSError as exc:
             bad[cid] = f"pack {pack_id.hex()}: {exc.strerror}"
             continue

@@ -338,6 +338,26 @@ def test_restore_of_a_snapshot_deleted_while_it_starts_is_not_found(client, make
     assert deleted == [sid] and not os.path.exists("out.raw")
 
 
+def test_a_long_lived_client_does_not_keep_descriptors_of_finished_restores(client, make_image):
+    """Restores and verifies run worker threads that cache pack descriptors; a Client used for many of
+    them (a backup daemon, say) must not keep every worker's descriptors open until it is closed."""
+    sids = []
+    for k in range(12):  # twelve creates: twelve packs
+        img = make_image(f"d{k}.raw", 4 * CS, [(0, rand(4 * CS, 70 + k))])
+        sids.append(snap(client, client.add_disk(img)["DiskId"]))
+
+    def open_fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    counts = []
+    for round_ in range(6):
+        for k, sid in enumerate(sids):
+            client.restore(sid, f"out-{round_}-{k}.raw")
+        assert client.verify()["Ok"]
+        counts.append(open_fds())
+    assert counts[-1] <= counts[0], counts
+
+
 def test_retention_days_expire_at_gc(client, make_image):
     """A snapshot past its RetentionDays is deleted by gc; others stay."""
     img = make_image("a.raw", MiB, [(0, rand(MiB, 18))])
@@ -535,3 +555,41 @@ def test_gc_waits_for_a_running_reader_and_says_so(client, make_image):
     client.restore(sid, "a.out")
     assert files_equal(img, "a.out")
 
+
+
+def test_running_out_of_descriptors_is_not_called_damage(client, make_image, repo_path):
+    """Verify and restore in a process at its descriptor limit fail with Repository.Error, and do not
+    report the repository as damaged."""
+    import subprocess
+    import sys
+
+    img = make_image("a.raw", 4 * CS, [(0, rand(4 * CS, 90))])
+    sid = snap(client, client.add_disk(img)["DiskId"])
+    client.close()
+    code = (
+        "import concurrent.futures.thread, os, resource, sys\n"
+        "import blocksnap.restore\n"
+        "from blocksnap import errors\n"
+        "from blocksnap.api import Client\n"
+        "c = Client(sys.argv[1])\n"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+        "hog = []\n"
+        "try:\n"
+        "    while True:\n"
+        "        hog.append(os.open(os.devnull, os.O_RDONLY))\n"
+        "except OSError:\n"
+        "    pass\n"
+        "os.close(hog.pop())\n"
+        "for call in (lambda: c.verify(), lambda: c.restore(sys.argv[2], sys.argv[3])):\n"
+        "    try:\n"
+        "        out = call()\n"
+        "        print('no error', out)\n"
+        "    except errors.BlocksnapError as exc:\n"
+        "        print(exc.code)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code, repo_path, sid, "out.raw"], capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.split()
+    assert "Repository.Damaged" not in p.stdout and "no" not in lines, p.stdout
+    assert lines[0] == "Repository.Error", p.stdout

@@ -51,6 +51,7 @@ class PackStore:
         self.root = root
         self._local = threading.local()
         self._all_fds = {}  # fd -> pack id, over all threads
+        self._caches = {}  # thread -> its descriptor cache
         self._fds_lock = threading.Lock()
 
     def path(self, pack_id):
@@ -69,7 +70,11 @@ class PackStore:
     def _fd(self, pack_id):
         # Each thread keeps its own descriptors, so evicting one can never close a descriptor
         # another thread is reading from.
-        cache = self._local.__dict__.setdefault("fds", collections.OrderedDict())
+        cache = self._local.__dict__.get("fds")
+        if cache is None:
+            cache = self._local.fds = collections.OrderedDict()
+            with self._fds_lock:
+                self._caches[threading.current_thread()] = cache
         fd = cache.get(pack_id)
         if fd is not None:
             cache.move_to_end(pack_id)
@@ -91,10 +96,28 @@ class PackStore:
             del self._all_fds[fd]
         os.close(fd)
 
+    def release_ended_threads(self):
+        """Close the cached descriptors of threads that have ended (a restore's or verify's workers).
+
+        A long-lived Client would otherwise keep up to FDS_PER_THREAD descriptors open for every
+        worker thread it ever ran, and run out of them.
+        """
+        with self._fds_lock:
+            ended = [t for t in self._caches if not t.is_alive()]
+            fds = []
+            for t in ended:
+                for pid, fd in self._caches.pop(t).items():
+                    if self._all_fds.get(fd) == pid:
+                        del self._all_fds[fd]
+                        fds.append(fd)
+        for fd in fds:
+            os.close(fd)
+
     def close(self):
         """Close every cached descriptor (no reads may be in flight)."""
         with self._fds_lock:
             fds, self._all_fds = self._all_fds, {}
+            self._caches = {}
         for fd in fds:
             os.close(fd)
         self._local = threading.local()
