@@ -385,12 +385,27 @@ class _Create:
                     self.stats.added_chunks += 1
                 else:
                     dups.append((offset, stored))  # another process stored it first
-            self.cat.put_pack(txn, pack_id, live, size)
+            if live:
+                self.cat.put_pack(txn, pack_id, live, size)
+                # The records another process stored first go on the redo log in this transaction, so
+                # a crash before the punching below leaves them to gc instead of leaking them.
+                dup_keys = [pack_id + meta.U64.pack(off) for off, _ in dups]
+                for key, (_, stored) in zip(dup_keys, dups):
+                    txn.put(key, meta.U64.pack(stored + chunkstore.RECORD.size), db=self.cat.db["reclaim"])
         self.sealed.add(pack_id)
         for cid, *_ in records:
             self.pending.discard(cid)
-        for offset, stored in dups:
-            self.repo.packs.punch(pack_id, offset, stored + chunkstore.RECORD.size)
+        if not live:
+            # Every record was stored first by another process (a clone snapshotted at the same
+            # time): the pack holds nothing the index names, so it goes. A crash before this leaves
+            # it unnamed in the index, which gc removes as an orphan.
+            self.repo.packs.remove(pack_id)
+        elif dups:
+            for offset, stored in dups:
+                self.repo.packs.punch(pack_id, offset, stored + chunkstore.RECORD.size)
+            with self.cat.write() as txn:
+                for key in dup_keys:
+                    txn.delete(key, db=self.cat.db["reclaim"])
         _crashpoint("after-pack-index")
 
     def _commit(self, new_map, img):

@@ -515,3 +515,72 @@ def test_restore_onto_a_full_file_system_fails_cleanly(tmp_path, small_fs):
     assert proc.stderr.startswith(f"blocksnap: error: {errors.RestoreFailed.code}: ")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
+
+
+# --- the same data stored by two creates at once ---------------------------------------------------------
+@pytest.mark.parametrize("same", ["all", "half"])
+def test_records_another_create_stored_first_are_not_kept(tmp_path, same):
+    """Two disks with the same data (a cloned VM) snapshotted at the same time: both creates pick the same
+    chunks, and the second to index finds them stored. A pack that then names nothing goes at once; in
+    one that keeps other records, theirs are punched (through the redo log, so a crash cannot leak them).
+    After both snapshots are deleted and gc runs, nothing may be left."""
+    repo = str(tmp_path / "repo")
+    Client.init(repo, chunk_size=CHUNK)
+    a = write_random(tmp_path / "a.raw", 2 * MiB)
+    b = tmp_path / "b.raw"
+    shutil.copyfile(a, b)
+    if same == "half":
+        write_random(tmp_path / "a.raw", MiB)  # A's first half is its own
+    with Client(repo) as c:
+        disk_a = c.add_disk(a)["DiskId"]
+        disk_b = c.add_disk(str(b))["DiskId"]
+        inner = []
+
+        def create_b_meanwhile(done, total):
+            # Create A has picked its chunks and handed them to its pack writer; B stores and
+            # indexes the same chunks before A's pack is sealed and indexed.
+            if not inner:
+                inner.append(c.create_snapshot(disk_b)["SnapshotId"])
+
+        sa = c.create_snapshot(disk_a, progress=create_b_meanwhile)["SnapshotId"]
+        [sb] = inner
+        recs = {r["SnapshotId"]: r for r in c.describe_snapshots()["Snapshots"]["Snapshot"]}
+        own = 0 if same == "all" else MiB // CHUNK
+        assert recs[sb]["AddedChunks"] == 2 * MiB // CHUNK and recs[sa]["AddedChunks"] == own
+        packs = c.repo.packs.list_packs()
+        cat = c.repo.catalog
+        with cat.read() as txn:
+            named = {cat.get_chunk(txn, k)[0] for k, _ in txn.cursor(db=cat.db["chunks"])}
+            in_table = {bytes(k) for k in txn.cursor(db=cat.db["packs"]).iternext(values=False)}
+            assert txn.stat(cat.db["reclaim"])["entries"] == 0
+        assert set(packs) == named == in_table and len(packs) == (1 if same == "all" else 2)
+        stored = sum(recs[s]["AddedBytes"] for s in (sa, sb))
+        assert allocated(os.path.join(repo, "packs")) < stored + len(packs) * 4 * CHUNK
+        assert restores_identical(c, tmp_path, sa, a) and restores_identical(c, tmp_path, sb, b)
+        assert c.verify()["Ok"]
+        c.delete_snapshot(sa)
+        c.delete_snapshot(sb)
+        c.gc()
+        assert c.repo.packs.list_packs() == [] and allocated(os.path.join(repo, "packs")) == 0
+
+
+def test_gc_removes_a_pack_the_table_knows_but_no_index_entry_names(tmp_path):
+    """Repositories written before the fix above hold such packs at live 0: gc removes them, and only them."""
+    repo = str(tmp_path / "repo")
+    Client.init(repo, chunk_size=CHUNK)
+    img = write_random(tmp_path / "a.raw", MiB)
+    with Client(repo) as c:
+        sid = c.create_snapshot(c.add_disk(img)["DiskId"])["SnapshotId"]
+        [real] = c.repo.packs.list_packs()
+        empty = bytes.fromhex("00000000deadbeef")
+        os.makedirs(os.path.dirname(c.repo.packs.path(empty)), exist_ok=True)
+        shutil.copyfile(c.repo.packs.path(real), c.repo.packs.path(empty))
+        with c.repo.catalog.write() as txn:
+            c.repo.catalog.put_pack(txn, empty, 0, os.path.getsize(c.repo.packs.path(empty)))
+        assert c.gc(dry_run=True)["OrphanPacks"] == 1
+        c.gc()
+        assert c.repo.packs.list_packs() == [real]
+        with c.repo.catalog.read() as txn:
+            assert c.repo.catalog.get_pack(txn, empty) is None
+        assert restores_identical(c, tmp_path, sid, img)
+        assert c.verify()["Ok"]

@@ -28,19 +28,21 @@ def plan(repo, now=None):
     """What gc would do, as a dict of lists and byte counts. Changes nothing."""
     now = time.time() if now is None else now
     cat = repo.catalog
-    dead, dead_bytes, known_packs, pending = [], 0, set(), 0
+    dead, dead_bytes, named, pending = [], 0, set(), 0
     with cat.read() as txn:
         expired = [r["SnapshotId"] for r in cat.iter_json(txn, "snapshots") if _expired(r, now)]
         with txn.cursor(db=cat.db["chunks"]) as cur:
             for key, val in cur:
                 entry = meta.CHUNK.unpack(val)
+                named.add(entry[0])
                 if entry[5] == 0:
                     dead.append(key)
                     dead_bytes += entry[2]
-        with txn.cursor(db=cat.db["packs"]) as cur:
-            known_packs = {bytes(k) for k in cur.iternext(keys=True, values=False)}
         pending = txn.stat(cat.db["reclaim"])["entries"]
-    orphans = [p for p in repo.packs.list_packs() if p not in known_packs]
+    # An orphan is a pack no index entry names: a killed create's (never in the packs table), or
+    # one whose every record another process stored first (in the packs table at live 0 before
+    # that case removed it at once).
+    orphans = [p for p in repo.packs.list_packs() if p not in named]
     orphan_bytes = 0
     for p in orphans:
         try:
@@ -80,6 +82,10 @@ def execute(repo, on_wait=None):
         p = plan(repo)
         p["ExpiredSnapshots"] = expired
         repo.reclaim_dead(p["DeadChunks"])
+        if p["OrphanPacks"]:
+            with repo.catalog.write() as txn:  # the name first: a crash then leaves a plain orphan file
+                for pid in p["OrphanPacks"]:
+                    txn.delete(pid, db=repo.catalog.db["packs"])
         for pid in p["OrphanPacks"]:
             repo.packs.remove(pid)
         repo.process_reclaim()
