@@ -128,9 +128,13 @@ class Client:
 
     def __init__(self, repo=None):
         path = repo or default_repo_path()
+        self.repo = None
         if repo is None and not os.path.exists(os.path.join(path, "config")):
-            self.repo = Repository.init(path)
-        else:
+            try:
+                self.repo = Repository.init(path)
+            except errors.RepositoryExists:
+                pass  # another process made it first
+        if self.repo is None:
             self.repo = Repository.open(path)
 
     @staticmethod

@@ -17,7 +17,6 @@ wrote is unreferenced and gc (or the next failed-create cleanup) reclaims it.
 import errno
 import os
 import queue
-import signal
 import threading
 import time
 
@@ -25,7 +24,17 @@ import lmdb
 
 from . import _native, errors
 from .image.raw import RawImage
-from .repository import ACCOMPLISHED, FAILED, PROGRESSING, map_lmdb_error, mark_failed, new_id, now_iso, split_segments
+from .repository import (
+    ACCOMPLISHED,
+    FAILED,
+    PROGRESSING,
+    crashpoint,
+    map_lmdb_error,
+    mark_failed,
+    new_id,
+    now_iso,
+    split_segments,
+)
 from .store import chunks as chunkstore
 from .store import meta
 
@@ -34,12 +43,6 @@ BUFFERS = 8  # windows in flight: bounds memory at BUFFERS * WINDOW_BYTES
 SCANNERS = 2
 _FRESH = object()  # in the free-buffer queue: a buffer not made yet
 PROGRESS_INTERVAL = 0.5  # seconds between Progress updates other processes can see
-
-
-def _crashpoint(name):
-    """Die here, as kill -9 would, when the crash tests ask for it."""
-    if os.environ.get("BLOCKSNAP_CRASHPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Stats:
@@ -131,9 +134,9 @@ class _Create:
                 new_map = self._scan_and_store(img, parent)
                 if not img.unchanged():
                     raise errors.ImageChanged(f"({disk['Path']})")
-                _crashpoint("before-commit")
+                crashpoint("before-commit")
                 self._commit(new_map, img)
-                _crashpoint("after-commit")
+                crashpoint("after-commit")
             except BaseException as exc:
                 typed = self._typed(exc, disk["Path"])
                 self._fail(typed, repo_lock)
@@ -291,7 +294,7 @@ class _Create:
                 free.put(buf)
                 self.stats.scanned += length
                 self._report(img.size)
-                _crashpoint("mid-scan")
+                crashpoint("mid-scan")
             if not stop.is_set():
                 handed = self.writer.detach()
                 if handed is not None:
@@ -373,7 +376,7 @@ class _Create:
             os.close(fd)
             raise
         self.repo.packs.make_durable(pack_id, fd)
-        _crashpoint("after-pack-fsync")
+        crashpoint("after-pack-fsync")
         dups = []
         with self.cat.write() as txn:
             live = 0
@@ -406,7 +409,7 @@ class _Create:
             with self.cat.write() as txn:
                 for key in dup_keys:
                     txn.delete(key, db=self.cat.db["reclaim"])
-        _crashpoint("after-pack-index")
+        crashpoint("after-pack-index")
 
     def _commit(self, new_map, img):
         st = self.stats

@@ -11,9 +11,12 @@ verifying snapshots live in backup.py and restore.py; validation of
 requests in api.py.
 """
 import datetime
+import errno
 import json
 import os
 import re
+import shutil
+import signal
 import string
 import time
 
@@ -82,6 +85,21 @@ def split_segments(map_bytes):
     return [map_bytes[i:i + step] for i in range(0, len(map_bytes), step)]
 
 
+def crashpoint(name):
+    """Die here, as kill -9 would, when the crash tests ask for it (BLOCKSNAP_CRASHPOINT=name)."""
+    if os.environ.get("BLOCKSNAP_CRASHPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _half_made(path):
+    """True if ``path`` holds only what an init killed before writing ``config`` left (versions before
+    2026-11-27 built the repository in place): no config, no pack file, nothing else."""
+    names = set(os.listdir(path))
+    if not names <= {"packs", "locks", "catalog", "config.tmp"}:
+        return False
+    return not any(files for _, _, files in os.walk(os.path.join(path, "packs")))
+
+
 class Repository:
     """An open repository. Use :meth:`init` or :meth:`open`; close with :meth:`close`."""
 
@@ -106,29 +124,53 @@ class Repository:
         if os.path.exists(os.path.join(path, "config")):
             raise errors.RepositoryExists(f"({path})")
         if os.path.isdir(path) and os.listdir(path):
-            raise errors.RepositoryExists(f"({path} is a non-empty directory)")
-        os.makedirs(path, exist_ok=True)
-        for sub in ("packs", "locks"):
-            os.makedirs(os.path.join(path, sub), exist_ok=True)
-        meta.create_env(os.path.join(path, "catalog"))
-        config = {
-            "Format": FORMAT_NAME,
-            "Version": FORMAT_VERSION,
-            "RepositoryId": os.urandom(16).hex(),
-            "ChunkSize": chunk_size,
-            "SegmentChunks": SEGMENT_CHUNKS,
-            "ChunkId": "xxh3-128",
-            "Compression": "zstd:1",
-            "CreationTime": now_iso(),
-        }
-        tmp = os.path.join(path, "config.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, os.path.join(path, "config"))  # the repository exists from here on
-        fsync_dir(path)
+            if not _half_made(path):
+                raise errors.RepositoryExists(f"({path} is a non-empty directory)")
+            for name in os.listdir(path):  # an older version's init, killed before its config was written
+                target = os.path.join(path, name)
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                else:
+                    os.unlink(target)
+        # Built in a sibling directory and renamed into place: a repository exists completely or not
+        # at all, whatever point a kill or a full disk stops this at (a killed init leaves only the
+        # hidden sibling behind), and of two processes making the same one, one wins cleanly.
+        parent = os.path.dirname(os.path.abspath(path))
+        os.makedirs(parent, exist_ok=True)
+        build = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.init-{os.urandom(6).hex()}")
+        os.mkdir(build)
+        try:
+            for sub in ("packs", "locks"):
+                os.mkdir(os.path.join(build, sub))
+            meta.create_env(os.path.join(build, "catalog"))
+            meta.close_env(os.path.join(build, "catalog"))  # LMDB must not see it open under two names
+            config = {
+                "Format": FORMAT_NAME,
+                "Version": FORMAT_VERSION,
+                "RepositoryId": os.urandom(16).hex(),
+                "ChunkSize": chunk_size,
+                "SegmentChunks": SEGMENT_CHUNKS,
+                "ChunkId": "xxh3-128",
+                "Compression": "zstd:1",
+                "CreationTime": now_iso(),
+            }
+            with open(os.path.join(build, "config"), "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            fsync_dir(build)
+            crashpoint("init-before-rename")
+            try:
+                os.rename(build, path)  # replaces an empty directory; the repository exists from here on
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                    raise errors.RepositoryExists(f"({path})") from None
+                raise
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+        fsync_dir(parent)
         return cls(path, config)
 
     @classmethod

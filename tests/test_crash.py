@@ -460,3 +460,84 @@ os.kill(os.getpid(), signal.SIGKILL)
             assert txn.get(b"half-done", db=cat.db["counters"]) is None
     finally:
         c.close()
+
+
+# --- init ------------------------------------------------------------------------------------------------
+def test_init_killed_before_its_rename_leaves_no_half_repository(tmp_path):
+    """An init killed at its last step leaves no repository at all (only a hidden build directory beside
+    it): a new init, or the default repository's first use, then works."""
+    home = tmp_path / "home"
+    repo = tmp_path / "r"
+    rc, _, _ = finish(cli("--repo", str(repo), "init", BLOCKSNAP_CRASHPOINT="init-before-rename"))
+    assert rc == -signal.SIGKILL
+    assert not repo.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".r.init-")]
+    rc, out, err = finish(cli("--repo", str(repo), "init"))
+    assert rc == 0, err
+    rc, out, err = finish(cli("--repo", str(repo), "disk", "list"))
+    assert rc == 0, err
+
+    rc, _, _ = finish(cli("disk", "list", HOME=str(home), XDG_DATA_HOME=str(home / "data"),
+                          BLOCKSNAP_CRASHPOINT="init-before-rename"))
+    assert rc == -signal.SIGKILL
+    rc, out, err = finish(cli("disk", "list", HOME=str(home), XDG_DATA_HOME=str(home / "data")))
+    assert rc == 0 and "Traceback" not in err, err
+
+
+def test_init_over_what_an_older_killed_init_left(tmp_path):
+    """Versions before 2026-11-27 built the repository in place; one killed before writing its config left
+    packs/, locks/ and catalog/ without config. init (and the default repository's first use) start over
+    there; a directory holding anything else is still refused."""
+    from blocksnap import errors
+    from blocksnap.repository import Repository
+
+    half = tmp_path / "half"
+    for sub in ("packs", "locks"):
+        (half / sub).mkdir(parents=True)
+    meta.create_env(str(half / "catalog"))
+    meta.close_env(str(half / "catalog"))
+    with pytest.raises(errors.RepositoryNotFound):
+        Repository.open(str(half))
+    Client.init(str(half), chunk_size=CHUNK)
+    with Client(str(half)) as c:
+        assert c.describe_disks()["TotalCount"] == 0
+    meta.close_env(str(half / "catalog"))
+
+    other = tmp_path / "other"
+    (other / "packs").mkdir(parents=True)
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(errors.RepositoryExists):
+        Client.init(str(other))
+    assert (other / "notes.txt").read_text() == "mine"
+
+
+def test_first_use_of_the_default_repository_by_several_processes_at_once(tmp_path):
+    """Four processes using the per-user default repository for the first time at the same moment: all
+    succeed, and there is one repository."""
+    home = tmp_path / "home"
+    env = {"HOME": str(home), "XDG_DATA_HOME": str(home / "data")}
+    procs = [cli("disk", "list", "--json", **env) for _ in range(4)]
+    results = [finish(p) for p in procs]
+    assert [rc for rc, _, _ in results] == [0, 0, 0, 0], [err for _, _, err in results]
+    repos = [p for p in (home / "data").rglob("config")]
+    assert len(repos) == 1
+
+
+def test_first_use_of_the_default_repository_when_another_process_makes_it_meanwhile(monkeypatch):
+    """The race above made certain: between this process's look for the default repository's config and
+    its init, another process creates the repository. The Client opens that one."""
+    from blocksnap import errors
+    from blocksnap.repository import Repository, default_repo_path
+
+    real_init = Repository.init.__func__
+
+    def init_after_another(cls, path, chunk_size=CHUNK):
+        real_init(cls, path, chunk_size)  # the other process wins
+        meta.close_env(os.path.join(path, "catalog"))
+        return real_init(cls, path, chunk_size)  # ours then finds it there
+
+    monkeypatch.setattr(Repository, "init", classmethod(init_after_another))
+    with pytest.raises(errors.RepositoryExists):
+        Repository.init(str(default_repo_path()) + "-probe")
+    with Client() as c:
+        assert c.repo.path == default_repo_path() and c.describe_disks()["TotalCount"] == 0
