@@ -63,3 +63,19 @@ def test_restore_onto_a_device_with_an_unaligned_zero_tail(client, make_image, l
     with open(dev, "rb") as f:
         assert f.read(4 * MiB + 100) == data + bytes(100)
         assert f.read(100) == b"\xff" * 100  # nothing past the image is touched
+
+
+def test_cli_notes_that_writes_to_a_block_device_cannot_be_detected(client, loop_device, repo_path):
+    """A create of a block device succeeds and says on stderr, once, that it cannot see writes made to the
+    device while it is read; a create of an image file says nothing of the kind."""
+    from conftest import run_cli
+
+    dev, backing = loop_device
+    disk = client.add_disk(dev)["DiskId"]
+    p = run_cli("--repo", repo_path, "snapshot", "create", disk)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("SnapshotId: s-")
+    assert p.stderr.count("\n") == 1 and "block device" in p.stderr and "freeze" in p.stderr
+    other = client.add_disk(str(backing))["DiskId"]
+    p = run_cli("--repo", repo_path, "snapshot", "create", other)
+    assert p.returncode == 0 and p.stderr == "", p.stderr

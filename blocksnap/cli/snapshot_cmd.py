@@ -1,4 +1,6 @@
 """blocksnap snapshot create / list / delete."""
+import sys
+
 from .output import emit_json, human_bytes, progress_for, table
 
 
@@ -20,6 +22,11 @@ def cmd_create(args, client):
     else:
         print(f"SnapshotId: {out['SnapshotId']}")
         print(f"RequestId: {out['RequestId']}")
+        [rec] = client.describe_snapshots(snapshot_ids=[out["SnapshotId"]], sizes=False)["Snapshots"]["Snapshot"]
+        if rec.get("SourceDiskType") == "block":
+            print("blocksnap: note: the disk is a block device; writes made to it while it was read cannot be "
+                  "detected, so the snapshot is point-in-time only if nothing wrote to it (freeze or snapshot "
+                  "it first)", file=sys.stderr)
     return 0
 
 
