@@ -92,9 +92,10 @@ def crashpoint(name):
 
 
 def _half_made(path):
-    """True if ``path`` holds only what an init killed before writing ``config`` left (versions before
-    2026-11-27 built the repository in place): no config, no pack file, nothing else."""
-    names = set(os.listdir(path))
+    """True if ``path`` holds only what an init killed before its config was in place left: no config,
+    no pack file, nothing but a build directory and the entries init moves out of it (or, from versions
+    before 2026-11-27, which built the repository in place, config.tmp)."""
+    names = {n for n in os.listdir(path) if not n.startswith(".init-")}
     if not names <= {"packs", "locks", "catalog", "config.tmp"}:
         return False
     return not any(files for _, _, files in os.walk(os.path.join(path, "packs")))
@@ -123,21 +124,30 @@ class Repository:
             raise errors.InvalidChunkSize(f"(got {chunk_size})")
         if os.path.exists(os.path.join(path, "config")):
             raise errors.RepositoryExists(f"({path})")
-        if os.path.isdir(path) and os.listdir(path):
-            if not _half_made(path):
-                raise errors.RepositoryExists(f"({path} is a non-empty directory)")
-            for name in os.listdir(path):  # an older version's init, killed before its config was written
-                target = os.path.join(path, name)
-                if os.path.isdir(target):
-                    shutil.rmtree(target)
-                else:
-                    os.unlink(target)
-        # Built in a sibling directory and renamed into place: a repository exists completely or not
-        # at all, whatever point a kill or a full disk stops this at (a killed init leaves only the
-        # hidden sibling behind), and of two processes making the same one, one wins cleanly.
-        parent = os.path.dirname(os.path.abspath(path))
-        os.makedirs(parent, exist_ok=True)
-        build = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.init-{os.urandom(6).hex()}")
+        # The repository is built in a hidden directory and moved into place with config last: it
+        # exists completely or not at all, whatever point a kill or a full disk stops this at. For a
+        # path that does not exist yet (the per-user default on first use), the build directory is a
+        # sibling renamed onto it in one step, so of two processes making it, one wins cleanly. An
+        # existing empty directory (a mount point, say, or a symlink to one) cannot be replaced:
+        # the build directory goes inside it and its entries move up, config last; a kill before
+        # that leaves what _half_made recognizes and the next init clears.
+        in_place = os.path.isdir(path)
+        if in_place:
+            if os.listdir(path):
+                if not _half_made(path):
+                    raise errors.RepositoryExists(f"({path} is a non-empty directory)")
+                for name in os.listdir(path):
+                    target = os.path.join(path, name)
+                    if os.path.isdir(target):
+                        shutil.rmtree(target)
+                    else:
+                        os.unlink(target)
+            home = path
+            build = os.path.join(path, f".init-{os.urandom(6).hex()}")
+        else:
+            home = os.path.dirname(os.path.abspath(path))
+            os.makedirs(home, exist_ok=True)
+            build = os.path.join(home, f".{os.path.basename(os.path.abspath(path))}.init-{os.urandom(6).hex()}")
         os.mkdir(build)
         try:
             for sub in ("packs", "locks"):
@@ -161,16 +171,21 @@ class Repository:
                 os.fsync(f.fileno())
             fsync_dir(build)
             crashpoint("init-before-rename")
-            try:
-                os.rename(build, path)  # replaces an empty directory; the repository exists from here on
-            except OSError as exc:
-                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                    raise errors.RepositoryExists(f"({path})") from None
-                raise
+            if in_place:
+                for name in ("packs", "locks", "catalog", "config"):  # the repository exists after the last
+                    os.rename(os.path.join(build, name), os.path.join(path, name))
+                os.rmdir(build)
+            else:
+                try:
+                    os.rename(build, path)
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                        raise errors.RepositoryExists(f"({path})") from None
+                    raise
         except BaseException:
             shutil.rmtree(build, ignore_errors=True)
             raise
-        fsync_dir(parent)
+        fsync_dir(home)
         return cls(path, config)
 
     @classmethod

@@ -541,3 +541,40 @@ def test_first_use_of_the_default_repository_when_another_process_makes_it_meanw
         Repository.init(str(default_repo_path()) + "-probe")
     with Client() as c:
         assert c.repo.path == default_repo_path() and c.describe_disks()["TotalCount"] == 0
+
+
+def test_init_in_an_existing_empty_directory_killed_or_not(tmp_path):
+    """An existing empty directory (a mount point, or behind a symlink) is filled, not replaced: the symlink
+    stays a symlink. Killed before its config is in place, init leaves what the next init clears."""
+    target = tmp_path / "disk"
+    target.mkdir()
+    link = tmp_path / "backup"
+    link.symlink_to(target)
+    rc, _, _ = finish(cli("--repo", str(link), "init", BLOCKSNAP_CRASHPOINT="init-before-rename"))
+    assert rc == -signal.SIGKILL
+    assert not (target / "config").exists()
+    rc, _, err = finish(cli("--repo", str(link), "disk", "list"))
+    assert rc != 0 and "Repository.NotFound" in err
+    rc, _, err = finish(cli("--repo", str(link), "init"))
+    assert rc == 0, err
+    assert link.is_symlink() and (target / "config").is_file()
+    assert sorted(p.name for p in target.iterdir()) == ["catalog", "config", "locks", "packs"]
+    rc, _, err = finish(cli("--repo", str(link), "disk", "list"))
+    assert rc == 0, err
+
+
+def test_init_at_a_mount_point(tmp_path):
+    """The root of a freshly mounted backup disk (a tmpfs here) takes a repository."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+    try:
+        rc, _, err = finish(cli("--repo", str(mnt), "init"))
+        assert rc == 0, err
+        rc, _, err = finish(cli("--repo", str(mnt), "disk", "list"))
+        assert rc == 0, err
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
