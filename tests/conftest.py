@@ -117,3 +117,29 @@ def restores_identical(client, tmp_path, sid, saved):
         return files_equal(out, saved)
     finally:
         os.unlink(out)
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """mount_tmpfs(name, size) -> path of a tmpfs of ``size`` (like "24m") mounted at tmp_path/name for the
+    test, unmounted after it (catalogs opened there are closed first). Skips where mounting is not allowed."""
+    mounted = []
+
+    def mount(name, size):
+        mnt = tmp_path / name
+        mnt.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], check=False,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
+        mounted.append(str(mnt))
+        return str(mnt)
+
+    yield mount
+    for mnt in mounted:
+        for path in list(meta._envs):
+            if path.startswith(mnt):
+                meta.close_env(path)
+        if subprocess.run(["umount", mnt], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", mnt], check=False)
+

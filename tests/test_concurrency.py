@@ -20,7 +20,7 @@ import blocksnap
 from blocksnap import _native, backup, errors
 from blocksnap.api import Client
 from blocksnap.store import chunks as chunkstore
-from blocksnap.store import locks, meta
+from blocksnap.store import locks
 
 CHUNK = 64 << 10
 
@@ -365,22 +365,9 @@ def test_image_changed_after_packs_were_indexed_gives_them_back(tmp_path, client
 
 # --- a full file system --------------------------------------------------------------------------------
 @pytest.fixture
-def small_fs(tmp_path):
+def small_fs(mount_tmpfs):
     """A 24 MiB tmpfs mounted for the test (skips when mounting is not allowed)."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], check=False,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {proc.stderr.strip()}")
-    try:
-        yield str(mnt)
-    finally:
-        for path in list(meta._envs):
-            if path.startswith(str(mnt)):
-                meta.close_env(path)
-        if subprocess.run(["umount", str(mnt)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    return mount_tmpfs("small", "24m")
 
 
 def test_full_file_system_fails_create_with_no_space_and_recovers(tmp_path, small_fs):

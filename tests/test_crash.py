@@ -563,18 +563,10 @@ def test_init_in_an_existing_empty_directory_killed_or_not(tmp_path):
     assert rc == 0, err
 
 
-def test_init_at_a_mount_point(tmp_path):
+def test_init_at_a_mount_point(mount_tmpfs):
     """The root of a freshly mounted backup disk (a tmpfs here) takes a repository."""
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True,
-                          text=True, check=False)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-    try:
-        rc, _, err = finish(cli("--repo", str(mnt), "init"))
-        assert rc == 0, err
-        rc, _, err = finish(cli("--repo", str(mnt), "disk", "list"))
-        assert rc == 0, err
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+    mnt = mount_tmpfs("mnt", "16m")
+    rc, _, err = finish(cli("--repo", mnt, "init"))
+    assert rc == 0, err
+    rc, _, err = finish(cli("--repo", mnt, "disk", "list"))
+    assert rc == 0, err
