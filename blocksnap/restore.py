@@ -21,6 +21,7 @@ import lmdb
 
 from . import _native, errors
 from .repository import ACCOMPLISHED, ZERO_ID, map_lmdb_error
+from .store.chunks import fsync_dir
 
 BATCH_CHUNKS = 32
 _tls = threading.local()
@@ -90,15 +91,21 @@ def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, s
         with repo.catalog.read() as txn:
             size = accomplished(txn)["SourceDiskSize"]
             ids = repo.snapshot_map(snapshot_id, txn)
-        fd, fresh = _open_output(output, in_place, size)
+        fd, fresh, unnamed = _open_output(output, in_place, size)
+        done = False
         try:
             written = _restore_into(repo, fd, fresh, ids, size, progress)
             if sync:
                 os.fsync(fd)
+            if unnamed:
+                _name_output(fd, output, sync)
+            done = True
         except OSError as exc:
             raise errors.RestoreFailed(f"({output}: {exc.strerror})") from exc
         finally:
             os.close(fd)
+            if fresh and not unnamed and not done:
+                _unlink_quietly(output)  # no half-written file that looks like a restored image
     except lmdb.Error as exc:
         raise map_lmdb_error(exc) from exc
     finally:
@@ -108,30 +115,69 @@ def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, s
 
 
 def _open_output(output, in_place, size):
+    """``(fd, fresh, unnamed)`` for the output. A new file is made without a name where the file system
+    allows it (O_TMPFILE) and named only once it is complete (``_name_output``): a restore that fails or
+    is killed leaves no file that looks like a restored image. Elsewhere it is created under its name
+    and removed if the restore fails."""
     try:
         st = os.stat(output)
     except FileNotFoundError:
         st = None
     try:
         if st is None:
-            fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            os.ftruncate(fd, size)
-            return fd, True
+            try:
+                fd = os.open(os.path.dirname(os.path.abspath(output)), os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC,
+                             0o644)
+                unnamed = True
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                unnamed = False
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                os.close(fd)
+                if not unnamed:
+                    _unlink_quietly(output)
+                raise
+            return fd, True, unnamed
         if stat.S_ISBLK(st.st_mode):
             fd = os.open(output, os.O_WRONLY | os.O_CLOEXEC)
             dev_size = os.lseek(fd, 0, os.SEEK_END)
             if dev_size < size:
                 os.close(fd)
                 raise errors.RestoreFailed(f"({output} holds {dev_size} bytes, the snapshot {size})")
-            return fd, False
+            return fd, False, False
         if stat.S_ISREG(st.st_mode) and in_place:
             fd = os.open(output, os.O_WRONLY | os.O_CLOEXEC)
             if st.st_size < size:
                 os.ftruncate(fd, size)
-            return fd, False
+            return fd, False, False
     except OSError as exc:
         raise errors.RestoreFailed(f"({output}: {exc.strerror})") from exc
     raise errors.OutputExists(f"({output})")
+
+
+def _name_output(fd, output, sync):
+    """Give the complete, unnamed output its name; OutputExists if something took the name meanwhile."""
+    # linkat(2) of /proc/self/fd/N with AT_SYMLINK_FOLLOW; os.link takes that path only with a directory fd.
+    proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.link(str(fd), output, src_dir_fd=proc_fd, follow_symlinks=True)
+    except FileExistsError:
+        raise errors.OutputExists(f"({output} appeared while the restore ran; nothing was written to it)") from None
+    finally:
+        os.close(proc_fd)
+    if sync:
+        fsync_dir(os.path.dirname(os.path.abspath(output)))
+
+
+def _unlink_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _zero_range(fd, off, length, can_punch, zeros):

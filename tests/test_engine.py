@@ -308,6 +308,7 @@ def test_a_damaged_index_entry_is_reported_not_crashed(client, make_image, field
     with pytest.raises(errors.RepositoryDamaged) as exc:
         client.restore(sid, "out.raw")
     assert bad.hex() in str(exc.value)
+    assert not os.path.exists("out.raw")  # a failed restore leaves no output behind
 
 
 def test_restore_of_a_snapshot_deleted_while_it_starts_is_not_found(client, make_image, monkeypatch):
@@ -593,3 +594,58 @@ def test_running_out_of_descriptors_is_not_called_damage(client, make_image, rep
     lines = p.stdout.split()
     assert "Repository.Damaged" not in p.stdout and "no" not in lines, p.stdout
     assert lines[0] == "Repository.Error", p.stdout
+
+
+@pytest.mark.parametrize("tmpfile", [True, False])
+def test_a_restore_gets_its_output_name_only_when_complete(client, make_image, monkeypatch, tmp_path, tmpfile):
+    """A new output is written unnamed (O_TMPFILE) and linked to its name at the end; where the file system
+    cannot do that, it is written under its name and removed when the restore fails. Either way a damaged
+    chunk leaves no output, a good restore leaves the right bytes, and a name taken meanwhile is not
+    overwritten."""
+    blocks = [rand(CS, 80 + k) for k in range(4)]
+    img = make_image("a.raw", 4 * CS, [(k * CS, b) for k, b in enumerate(blocks)])
+    sid = snap(client, client.add_disk(img)["DiskId"])
+    if not tmpfile:
+        real_open = os.open
+
+        def no_tmpfile(path, flags, *args, **kw):
+            if flags & os.O_TMPFILE == os.O_TMPFILE:
+                raise OSError(95, "Operation not supported")
+            return real_open(path, flags, *args, **kw)
+
+        monkeypatch.setattr(os, "open", no_tmpfile)
+    out = tmp_path / "out.raw"
+    client.restore(sid, str(out))
+    assert files_equal(img, out) and oct(os.stat(out).st_mode & 0o777) == oct(0o644 & ~_umask())
+    os.unlink(out)
+
+    cat = client.repo.catalog
+    with cat.write() as txn:  # damage chunk 3's index entry: the restore fails near its end
+        cid = xxhash.xxh3_128_digest(blocks[3])
+        entry = list(cat.get_chunk(txn, cid))
+        entry[3] = CS + 1
+        cat.put_chunk(txn, cid, entry)
+    with pytest.raises(errors.RepositoryDamaged):
+        client.restore(sid, str(out))
+    assert not out.exists() and os.listdir(tmp_path).count("out.raw") == 0
+
+
+def test_an_output_name_taken_while_the_restore_runs_is_not_overwritten(client, make_image, tmp_path):
+    img = make_image("a.raw", 4 * CS, [(0, rand(4 * CS, 85))])
+    sid = snap(client, client.add_disk(img)["DiskId"])
+    out = tmp_path / "out.raw"
+
+    def someone_else(done, total):
+        if not out.exists():
+            out.write_bytes(b"theirs")
+
+    with pytest.raises(errors.OutputExists):
+        client.restore(sid, str(out), progress=someone_else)
+    assert out.read_bytes() == b"theirs"
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
