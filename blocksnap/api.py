@@ -17,6 +17,7 @@ from .repository import ACCOMPLISHED, DEFAULT_CHUNK_SIZE, Repository, default_re
 
 MAX_TAGS = 20
 CATEGORIES = ("Standard", "Flash")
+STATUSES = ("progressing", "accomplished", "failed", "all")  # DescribeSnapshots' Status filter
 _NAME_PUNCT = set(":_.-")
 
 
@@ -36,12 +37,31 @@ def _has_url(text):
     return text.startswith(("http://", "https://"))
 
 
+def _encodable(text):
+    """False for a str that is not valid Unicode text: lone surrogates, which is how Python carries
+    bytes that are not UTF-8 in command-line arguments. Stored, they would break every JSON reply."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(value, limit=64):
+    """``repr(value)`` for an error message, cut to about ``limit`` characters."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f", {len(value)} characters" if isinstance(value, str) else ""
+    return f"{text[:limit]}...{size}"
+
+
 def validate_snapshot_name(name):
     """2-128 characters; starts with a letter; letters, digits, ``: _ . -``; not http(s):// nor auto*."""
     if name is None:
         return None
-    if not isinstance(name, str) or not 2 <= len(name) <= 128:
-        raise errors.InvalidSnapshotNameMalformed("(2 to 128 characters)")
+    if not isinstance(name, str) or not 2 <= len(name) <= 128 or not _encodable(name):
+        raise errors.InvalidSnapshotNameMalformed("(2 to 128 characters of valid text)")
     if _has_url(name) or name.startswith("auto"):
         raise errors.InvalidSnapshotNameMalformed("(must not start with http://, https:// or auto)")
     if not unicodedata.category(name[0]).startswith("L"):
@@ -49,15 +69,16 @@ def validate_snapshot_name(name):
     for ch in name:
         cat = unicodedata.category(ch)
         if not (cat.startswith("L") or ch in "0123456789" or ch in _NAME_PUNCT):
-            raise errors.InvalidSnapshotNameMalformed(f"(character {ch!r} is not allowed)")
+            raise errors.InvalidSnapshotNameMalformed(f"(character {_shown(ch)} is not allowed)")
     return name
 
 
 def validate_description(text):
     if text is None:
         return None
-    if not isinstance(text, str) or not 2 <= len(text) <= 256 or _has_url(text):
-        raise errors.InvalidDescriptionMalformed("(2 to 256 characters, not starting with http:// or https://)")
+    if not isinstance(text, str) or not 2 <= len(text) <= 256 or _has_url(text) or not _encodable(text):
+        raise errors.InvalidDescriptionMalformed("(2 to 256 characters of valid text, not starting with http:// "
+                                                 "or https://)")
     return text
 
 
@@ -65,10 +86,11 @@ def validate_retention_days(days):
     if days is None:
         return None
     if isinstance(days, bool) or not isinstance(days, int):
-        try:
-            days = int(str(days), 10)
-        except ValueError:
-            raise errors.InvalidRetentionDaysMalformed(f"({days!r} is not a whole number)") from None
+        text = str(days).strip()
+        # Plain ASCII digits only: int() would also take "1_0" and other scripts' digits.
+        if not (text.isascii() and text.isdigit()):
+            raise errors.InvalidRetentionDaysMalformed(f"({_shown(days)} is not a whole number)")
+        days = int(text)
     if not 1 <= days <= 65536:
         raise errors.InvalidRetentionDaysMalformed(f"({days} is outside 1 to 65536)")
     return days
@@ -86,17 +108,25 @@ def validate_tags(tags):
     """A list of ``{"Key", "Value"}`` (or ``(key, value)`` pairs); returns the API's Tag list."""
     if not tags:
         return []
+    if not isinstance(tags, (list, tuple)):
+        raise errors.InvalidTagKeyMalformed(f"(Tags must be a list of {{'Key', 'Value'}}, got {type(tags).__name__})")
     out, seen = [], set()
     for item in tags:
-        key, value = (item.get("Key"), item.get("Value", "")) if isinstance(item, dict) else item
+        if isinstance(item, dict):
+            key, value = item.get("Key"), item.get("Value", "")
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            key, value = item
+        else:
+            raise errors.InvalidTagKeyMalformed(f"(a tag must be {{'Key', 'Value'}} or a pair, got {_shown(item)})")
         if (not isinstance(key, str) or not 1 <= len(key) <= 128 or "http://" in key or "https://" in key
-                or key.startswith(("aliyun", "acs:"))):
-            raise errors.InvalidTagKeyMalformed(f"({key!r})")
+                or key.startswith(("aliyun", "acs:")) or not _encodable(key)):
+            raise errors.InvalidTagKeyMalformed(f"({_shown(key)})")
         value = "" if value is None else value
-        if not isinstance(value, str) or len(value) > 128 or "http://" in value or "https://" in value:
-            raise errors.InvalidTagValueMalformed(f"({value!r})")
+        if (not isinstance(value, str) or len(value) > 128 or "http://" in value or "https://" in value
+                or not _encodable(value)):
+            raise errors.InvalidTagValueMalformed(f"({_shown(value)})")
         if key in seen:
-            raise errors.DuplicateTagKey(f"({key})")
+            raise errors.DuplicateTagKey(f"({_shown(key)})")
         seen.add(key)
         out.append({"TagKey": key, "TagValue": value})
     if len(out) > MAX_TAGS:
@@ -129,7 +159,10 @@ class Client:
     def __init__(self, repo=None):
         path = repo or default_repo_path()
         self.repo = None
-        if repo is None and not os.path.exists(os.path.join(path, "config")):
+        # Only the per-user default is made on first use: an explicit path or $BLOCKSNAP_REPO that
+        # is no repository (a typo, an unmounted disk) must say so, not start an empty one.
+        per_user_default = repo is None and not os.environ.get("BLOCKSNAP_REPO")
+        if per_user_default and not os.path.exists(os.path.join(path, "config")):
             try:
                 self.repo = Repository.init(path)
             except errors.RepositoryExists:
@@ -155,8 +188,13 @@ class Client:
     # --- disks ---------------------------------------------------------------------------------------
     def add_disk(self, image_path, disk_name=None):
         """Register a raw image or block device. Returns ``{"DiskId", "RequestId", ...}``."""
-        if disk_name is not None and (not isinstance(disk_name, str) or not 1 <= len(disk_name) <= 128):
+        if disk_name is not None and (not isinstance(disk_name, str) or not 1 <= len(disk_name) <= 128
+                                      or not _encodable(disk_name)):
             raise errors.InvalidDiskNameMalformed()
+        if isinstance(image_path, str) and not _encodable(os.path.realpath(image_path)):
+            # Records are JSON text: a path whose bytes are not UTF-8 cannot be stored in one.
+            raise errors.ImageUnsupported(f"({_shown(image_path)}: the path is not valid UTF-8; rename the image "
+                                          "or register it through a symlink with a UTF-8 name)")
         kind, size = raw.probe(image_path)
         rec = self.repo.add_disk(image_path, disk_name, kind, size)
         return dict(rec, RequestId=request_id())
@@ -185,7 +223,7 @@ class Client:
         }
         if category is not None:
             if category not in CATEGORIES:
-                raise errors.InvalidSnapshotCategoryMalformed(f"({category!r})")
+                raise errors.InvalidSnapshotCategoryMalformed(f"({_shown(category)})")
             fields["Category"] = category
         token = validate_client_token(client_token)
         fields = {k: v for k, v in fields.items() if v not in (None, [])}
@@ -219,6 +257,18 @@ class Client:
         Each snapshot carries LogicalBytes (non-zero data), AddedBytes (what it added to the
         repository), ExclusiveBytes (what deleting it would free) when ``sizes``.
         """
+        if isinstance(snapshot_ids, str):  # the cloud API passes a JSON array in a string
+            try:
+                snapshot_ids = json.loads(snapshot_ids)
+            except ValueError:
+                pass  # still a str: refused just below
+        if snapshot_ids is not None and (not isinstance(snapshot_ids, (list, tuple))
+                                         or not all(isinstance(x, str) for x in snapshot_ids)):
+            raise errors.InvalidParameter(f"(SnapshotIds must be a list of SnapshotIds, got {_shown(snapshot_ids)})")
+        if status is not None and status not in STATUSES:
+            raise errors.InvalidParameter(f"(Status must be one of {', '.join(STATUSES)}, got {_shown(status)})")
+        if status == "all":
+            status = None
         if snapshot_ids is not None:
             recs = []
             for sid in snapshot_ids:

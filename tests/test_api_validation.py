@@ -62,7 +62,7 @@ def test_snapshot_name_accepted(client, disk, name):
 
 
 @pytest.mark.parametrize("name", ["a", "a" * 129, "1snap", "http://x", "https://x", "autoSnap", "my snap",
-                                  "a/b", "_ab", "-ab", ":ab", "", "ab!", "ab\n"])
+                                  "a/b", "_ab", "-ab", ":ab", "", "ab!", "ab\n", "ab\udcff"])
 def test_snapshot_name_rejected(client, repo_path, disk, name):
     """Names too short or long, not starting with a letter, starting with http(s):// or auto, or with
     other characters are InvalidSnapshotName.Malformed (HTTP 400) and store nothing."""
@@ -77,7 +77,8 @@ def test_description_accepted(client, disk, text):
     assert accepted(client, disk, description=text)["Description"] == text
 
 
-@pytest.mark.parametrize("text", ["a", "d" * 257, "http://example.com", "https://example.com", ""])
+@pytest.mark.parametrize("text", ["a", "d" * 257, "http://example.com", "https://example.com", "",
+                                  "bad\udcff\udcfe"])  # bytes that are not UTF-8, as argv carries them
 def test_description_rejected(client, repo_path, disk, text):
     """A description of 1 or 257 characters or starting with http(s):// is InvalidDescription.Malformed."""
     assert_rejected(client, repo_path, disk, "InvalidDescription.Malformed", description=text)
@@ -92,7 +93,7 @@ def test_retention_days_accepted(client, disk, days):
     assert snap["ExpiredTime"] > snap["CreationTime"]
 
 
-@pytest.mark.parametrize("days", [0, 65537, "abc", -1, "1.5", True, 2.0])
+@pytest.mark.parametrize("days", [0, 65537, "abc", -1, "1.5", True, 2.0, "1_0", "\u0663", "+5", "0x10"])
 def test_retention_days_rejected(client, repo_path, disk, days):
     """RetentionDays outside 1..65536 or not a whole number is InvalidRetentionDays.Malformed."""
     assert_rejected(client, repo_path, disk, "InvalidRetentionDays.Malformed", retention_days=days)
@@ -124,7 +125,8 @@ def test_duplicate_tag_key_rejected(client, repo_path, disk):
     assert_rejected(client, repo_path, disk, "Duplicate.TagKey", tags=tags)
 
 
-@pytest.mark.parametrize("key", ["", "k" * 129, "aliyun", "aliyunX", "acs:x", "http://x", "https://x", None])
+@pytest.mark.parametrize("key", ["", "k" * 129, "aliyun", "aliyunX", "acs:x", "http://x", "https://x", None,
+                                 "k\udcff"])
 def test_tag_key_rejected(client, repo_path, disk, key):
     """Empty, 129-character, aliyun*, acs:* and http(s)://* tag keys are InvalidTagKey.Malformed."""
     assert_rejected(client, repo_path, disk, "InvalidTagKey.Malformed", tags=[{"Key": key, "Value": "v"}])
@@ -136,7 +138,7 @@ def test_tag_key_containing_url_rejected(client, repo_path, disk, key):
     assert_rejected(client, repo_path, disk, "InvalidTagKey.Malformed", tags=[{"Key": key, "Value": "v"}])
 
 
-@pytest.mark.parametrize("value", ["v" * 129, "http://x", "go to https://x", 5])
+@pytest.mark.parametrize("value", ["v" * 129, "http://x", "go to https://x", 5, "v\udcff"])
 def test_tag_value_rejected(client, repo_path, disk, value):
     """A tag value of 129 characters or containing http(s):// is InvalidTagValue.Malformed."""
     assert_rejected(client, repo_path, disk, "InvalidTagValue.Malformed", tags=[{"Key": "k", "Value": value}])
@@ -353,3 +355,41 @@ def test_new_ids_are_well_formed_and_uniform():
     expected = 20000 * 20 / len(ID_ALPHABET)  # 11111; one standard deviation is about 104
     assert set(counts) == set(ID_ALPHABET)
     assert all(abs(c - expected) < 700 for c in counts.values()), counts
+
+
+@pytest.mark.parametrize("tags", [{"os": "linux"}, ["env"], [("a", "b", "c")], "env=prod"])
+def test_tags_of_the_wrong_shape_are_rejected(client, repo_path, disk, tags):
+    """Tags must be a list of {Key, Value} (or pairs): a dict, bare strings or triples are refused, never
+    read as something else (a dict's keys as two-character pairs, say)."""
+    exc = assert_rejected(client, repo_path, disk, "InvalidTagKey.Malformed", tags=tags)
+    assert isinstance(exc, errors.InvalidParameter)
+
+
+def test_error_messages_do_not_repeat_huge_values(client, repo_path, disk):
+    exc = assert_rejected(client, repo_path, disk, "InvalidTagValue.Malformed",
+                          tags=[{"Key": "k", "Value": "v" * 100000}])
+    assert len(str(exc)) < 300 and "100000 characters" in str(exc)
+
+
+def test_describe_snapshots_checks_its_filters(client, disk):
+    """SnapshotIds is a list (or, as in the cloud API, a JSON array in a string); Status one of progressing,
+    accomplished, failed, all. Anything else is InvalidParameter, not an empty answer."""
+    sid = client.create_snapshot(disk)["SnapshotId"]
+    assert client.describe_snapshots(snapshot_ids=[sid])["TotalCount"] == 1
+    assert client.describe_snapshots(snapshot_ids=json.dumps([sid]))["TotalCount"] == 1
+    assert client.describe_snapshots(status="all")["TotalCount"] == 1
+    assert client.describe_snapshots(status="failed")["TotalCount"] == 0
+    for bad in ({"snapshot_ids": sid}, {"snapshot_ids": [1]}, {"status": "Accomplished"}, {"status": "bogus"}):
+        with pytest.raises(errors.InvalidParameter):
+            client.describe_snapshots(**bad)
+
+
+def test_a_disk_path_that_is_not_utf8_is_refused_cleanly(client, tmp_path):
+    """Records are JSON: an image whose path is not valid UTF-8 is InvalidImage.Unsupported, one line."""
+    name = os.fsdecode(b"img\xff.raw")
+    (tmp_path / name).write_bytes(b"x" * 4096)
+    with pytest.raises(errors.ImageUnsupported) as exc:
+        client.add_disk(str(tmp_path / name))
+    assert "UTF-8" in str(exc.value)
+    assert client.describe_disks()["TotalCount"] == 0
+
