@@ -2,6 +2,7 @@
 import argparse
 import os
 import sys
+import traceback
 
 import lmdb
 
@@ -12,12 +13,21 @@ from . import disk_cmd, repo_cmd, restore_cmd, snapshot_cmd
 from .output import emit_json
 
 
+class _UsageError(Exception):
+    """A command line argparse refused; reported as InvalidParameter like any other bad input."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
 def build_parser():
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--repo", default=argparse.SUPPRESS,
                         help="repository path (default $BLOCKSNAP_REPO, else ~/.local/share/blocksnap/repo)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
-    parser = argparse.ArgumentParser(prog="blocksnap", parents=[common],
+    parser = _Parser(prog="blocksnap", parents=[common],
                                      description="Incremental, deduplicated snapshots of VM disk images.")
     parser.add_argument("--version", action="version", version=f"blocksnap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
@@ -34,9 +44,21 @@ def _fail(exc, as_json):
     return exc.exit_code
 
 
+def _stdout_gone():
+    """stdout is a closed pipe (``blocksnap ... | head``): send what is left nowhere, quietly."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 128 + 13  # as if killed by SIGPIPE, like other commands in a pipeline
+
+
 def main(argv=None):
     """Run the CLI; returns (and exits with) the process exit code."""
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as exc:
+        arg_list = sys.argv[1:] if argv is None else argv
+        return _fail(errors.InvalidParameter(f"({exc})"), "--json" in arg_list)
     args.json = getattr(args, "json", False)
     explicit = getattr(args, "repo", None)
     repo_path = explicit or os.environ.get("BLOCKSNAP_REPO") or None
@@ -54,12 +76,23 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("blocksnap: interrupted", file=sys.stderr)
         code = 130
-    except OSError as exc:
-        code = _fail(errors.InternalError(f"({exc})"), args.json)
+    except BrokenPipeError:
+        code = _stdout_gone()
+    except Exception as exc:  # a bug: one line and the failure exit code, the traceback on request
+        if os.environ.get("BLOCKSNAP_DEBUG"):
+            traceback.print_exc()
+        detail = f"({type(exc).__name__}: {exc}; set BLOCKSNAP_DEBUG=1 for the traceback)"
+        try:
+            code = _fail(errors.InternalError(detail), args.json)
+        except BrokenPipeError:
+            code = _stdout_gone()
     finally:
         if client is not None:
             client.close()
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = _stdout_gone()
     return code
 
 
@@ -74,6 +107,8 @@ def entry():
     try:
         sys.stdout.flush()
         sys.stderr.flush()
+    except BrokenPipeError:
+        code = _stdout_gone()
     except (OSError, ValueError):
         sys.exit(code)
     os._exit(code)

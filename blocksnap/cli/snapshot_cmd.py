@@ -14,7 +14,7 @@ def cmd_create(args, client):
     try:
         out = client.create_snapshot(args.disk_id, snapshot_name=args.snapshot_name, description=args.description,
                                      retention_days=args.retention_days, tags=args.tag,
-                                     client_token=args.client_token, progress=bar)
+                                     client_token=args.client_token, category=args.category, progress=bar)
     finally:
         bar.close()
     if args.json:
@@ -22,11 +22,11 @@ def cmd_create(args, client):
     else:
         print(f"SnapshotId: {out['SnapshotId']}")
         print(f"RequestId: {out['RequestId']}")
-        [rec] = client.describe_snapshots(snapshot_ids=[out["SnapshotId"]], sizes=False)["Snapshots"]["Snapshot"]
-        if rec.get("SourceDiskType") == "block":
-            print("blocksnap: note: the disk is a block device; writes made to it while it was read cannot be "
-                  "detected, so the snapshot is point-in-time only if nothing wrote to it (freeze or snapshot "
-                  "it first)", file=sys.stderr)
+    [rec] = client.describe_snapshots(snapshot_ids=[out["SnapshotId"]], sizes=False)["Snapshots"]["Snapshot"]
+    if rec.get("SourceDiskType") == "block":
+        print("blocksnap: note: the disk is a block device; writes made to it while it was read cannot be "
+              "detected, so the snapshot is point-in-time only if nothing wrote to it (freeze or snapshot "
+              "it first)", file=sys.stderr)
     return 0
 
 
@@ -65,6 +65,7 @@ def register(sub, common):
     p.add_argument("--retention-days", type=str, help="delete automatically (at gc) after 1-65536 days")
     p.add_argument("--tag", action="append", type=_tag, metavar="KEY=VALUE", help="up to 20 tags")
     p.add_argument("--client-token", help="idempotency token (ASCII, at most 64 characters)")
+    p.add_argument("--category", help="Standard or Flash (accepted and recorded, as CreateSnapshot does)")
     p.set_defaults(func=cmd_create)
     p = ssub.add_parser("list", parents=[common], help="list snapshots (DescribeSnapshots)")
     p.add_argument("--disk-id")

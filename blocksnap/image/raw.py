@@ -21,7 +21,9 @@ class RawImage:
     def __init__(self, path):
         self.path = path
         try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO would otherwise block the open until a writer came (it is refused
+            # below); regular files and block devices ignore it.
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise errors.ImageNotFound(f"({path})") from None
         except PermissionError:
@@ -48,11 +50,17 @@ class RawImage:
             raise
 
     def identity(self):
-        """What must not change while the image is read: for files size, mtime, ctime, inode."""
+        """What must not change while the image is read: for files size, mtime and ctime of the open file,
+        and which file the path names (an image replaced by ``mv`` while it is read counts as changed)."""
         st = os.fstat(self.fd)
         if self.kind == "block":
             return (st.st_rdev, os.lseek(self.fd, 0, os.SEEK_END))
-        return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        try:
+            named = os.stat(self.path)
+            path_names = (named.st_dev, named.st_ino)
+        except OSError:
+            path_names = None  # gone
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, path_names)
 
     def unchanged(self):
         """True if the image looks as it did when it was opened."""
