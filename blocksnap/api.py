@@ -9,6 +9,7 @@ layer over :class:`Client`.
 """
 import json
 import os
+import time
 import unicodedata
 
 from . import backup, errors
@@ -242,8 +243,30 @@ class Client:
                 if rec["Status"] == ACCOMPLISHED:
                     return {"SnapshotId": rec["SnapshotId"], "RequestId": request_id()}
                 # The first attempt failed: a retry with the same token tries again.
-        rec = backup.create_snapshot(self.repo, disk_id, fields, token, params_hash, progress)
+        try:
+            rec = backup.create_snapshot(self.repo, disk_id, fields, token, params_hash, progress)
+        except errors.IncorrectDiskStatusCreatingSnapshot:
+            if token:
+                self._raise_if_token_in_flight(token, params_hash)
+            raise
         return {"SnapshotId": rec["SnapshotId"], "RequestId": request_id()}
+
+    def _raise_if_token_in_flight(self, token, params_hash, wait=2.0):
+        """The disk is busy: if the create holding it is this token's own first request (which records
+        its token right after taking the disk), say so as the cloud API does, IdempotentProcessing (or
+        IdempotentParameterMismatch), instead of the busy disk's error."""
+        deadline = time.monotonic() + wait
+        while True:
+            known = self._token_snapshot(token)
+            if known is not None:
+                if known[0] != params_hash:
+                    raise errors.IdempotentParameterMismatch()
+                if self.repo.get_snapshot(known[1])["Status"] == "progressing":
+                    raise errors.IdempotentProcessing()
+                return
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.02)
 
     def _token_snapshot(self, token):
         cat = self.repo.catalog

@@ -264,6 +264,42 @@ def test_concurrent_requests_on_a_creating_disk(client, disk):
     assert client.describe_snapshots(sizes=False)["TotalCount"] == 1
 
 
+def test_a_retry_arriving_before_the_first_request_recorded_its_token(client, disk, monkeypatch):
+    """The same token twice at once: the retry finds the disk busy before the first request has recorded
+    its token. It is still IdempotentProcessing (a changed retry IdempotentParameterMismatch), as the
+    cloud API answers, not the busy disk's IncorrectDiskStatus.CreatingSnapshot."""
+    import threading
+    import time
+
+    from blocksnap import backup
+
+    real_register = backup._Create._register
+    holding = threading.Event()
+
+    def slow_register(self, img):
+        holding.set()  # the disk lock is held, the token not yet recorded
+        time.sleep(0.4)
+        return real_register(self, img)
+
+    monkeypatch.setattr(backup._Create, "_register", slow_register)
+    first = threading.Thread(target=client.create_snapshot, args=(disk,),
+                             kwargs={"snapshot_name": "s1", "client_token": "tok-race"})
+    first.start()
+    try:
+        assert holding.wait(30)
+        seen = []
+        for name in ("s1", "s2"):
+            try:
+                client.create_snapshot(disk, snapshot_name=name, client_token="tok-race")
+                seen.append("created")
+            except errors.BlocksnapError as exc:
+                seen.append(exc.code)
+    finally:
+        first.join()
+    assert seen == ["IdempotentProcessing", "IdempotentParameterMismatch"]
+    assert client.describe_snapshots(sizes=False)["TotalCount"] == 1
+
+
 def test_disk_locked_by_another_creator(client, repo_path, disk):
     """A create while another holder has the disk lock is IncorrectDiskStatus.CreatingSnapshot (403),
     storing nothing."""
