@@ -343,7 +343,7 @@ class Client:
         """
         from .store import gc
 
-        p = gc.plan(self.repo) if dry_run else gc.execute(self.repo, on_wait)
+        p = gc.dry_run(self.repo, on_wait) if dry_run else gc.execute(self.repo, on_wait)
         return {
             "DryRun": dry_run,
             "ExpiredSnapshots": p["ExpiredSnapshots"],

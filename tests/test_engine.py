@@ -376,6 +376,67 @@ def test_retention_days_expire_at_gc(client, make_image):
     assert ids == [keep]
 
 
+def test_gc_dry_run_predicts_what_gc_does(client, make_image):
+    """The dry run counts the chunks that expiring snapshots will leave unreferenced (also chunks placed
+    twice in one of them, and not those another snapshot keeps), so its DeadChunks and DeadBytes are
+    what gc then reports and frees."""
+    from blocksnap.repository import SEGMENT_CHUNKS
+
+    seg = SEGMENT_CHUNKS * CS
+    shared, own = rand(seg, 19), rand(seg, 20)
+    img = make_image("a.raw", 3 * seg, [(0, shared)])
+    disk = client.add_disk(img)["DiskId"]
+    keep = snap(client, disk)
+    with open(img, "r+b") as f:  # the old snapshot: the shared data, plus its own data twice
+        f.seek(seg)
+        f.write(own)
+        f.write(own)
+    old = snap(client, disk, retention_days=1)
+    with open(img, "r+b") as f:
+        f.seek(seg)
+        f.write(bytes(2 * seg))
+    keep2 = snap(client, disk)
+    cat = client.repo.catalog
+    with cat.write() as txn:
+        rec = cat.get_json(txn, "snapshots", old)
+        rec["ExpiredTime"] = "2000-01-01T00:00:00Z"
+        cat.put_json(txn, "snapshots", old, rec)
+    dry = client.gc(dry_run=True)
+    assert dry["ExpiredSnapshots"] == [old]
+    assert dry["DeadChunks"] == SEGMENT_CHUNKS  # its own data, stored once; not the shared data
+    real = client.gc()
+    assert (real["DeadChunks"], real["DeadBytes"]) == (dry["DeadChunks"], dry["DeadBytes"])
+    assert real["FreedBytes"] >= dry["DeadBytes"] - 4096 * SEGMENT_CHUNKS
+    assert client.gc(dry_run=True)["DeadChunks"] == 0
+    ids = [s["SnapshotId"] for s in client.describe_snapshots()["Snapshots"]["Snapshot"]]
+    assert ids == [keep, keep2]
+
+
+def test_gc_dry_run_waits_for_a_running_create_instead_of_counting_its_data(client, make_image):
+    """A create's packs and its chunks are unreferenced until it commits: a dry run made meanwhile would
+    count them as removable. Like gc, it waits for the create (on_wait is called) and then sees nothing."""
+    import threading
+
+    img = make_image("a.raw", 4 * MiB, [(0, rand(4 * MiB, 21))])
+    disk = client.add_disk(img)["DiskId"]
+    plans, waited = [], []
+
+    def during(done, total):
+        if not plans:
+            t = threading.Thread(target=lambda: plans.append(client.gc(dry_run=True,
+                                                                       on_wait=lambda: waited.append(1))))
+            t.start()
+            t.join(1.0)
+            assert t.is_alive()  # it waits for this create
+            plans.append(t)
+
+    snap(client, disk, progress=during)
+    plans[0].join(30)
+    plan = plans[1]
+    assert waited == [1]
+    assert (plan["DeadChunks"], plan["OrphanPacks"]) == (0, 0)
+
+
 def test_unknown_ids_are_typed_errors(client):
     """Unknown or malformed disk and snapshot ids raise the API's NotFound codes."""
     with pytest.raises(errors.InvalidDiskIdNotFound):

@@ -24,18 +24,45 @@ def _expired(rec, now):
     return t.timestamp() <= now
 
 
+def _freed_by(cat, txn, snapshot_ids):
+    """Chunk ids whose references would all go with these snapshots (what deleting them would kill)."""
+    seg_uses = {}
+    for sid in snapshot_ids:
+        segs = txn.get(sid.encode(), db=cat.db["snapmaps"]) or b""
+        for i in range(0, len(segs), 16):
+            seg = segs[i:i + 16]
+            if any(seg):
+                seg_uses[seg] = seg_uses.get(seg, 0) + 1
+    lost = {}
+    for seg_id, uses in seg_uses.items():
+        seg = cat.get_segment(txn, seg_id)
+        if seg is None or seg[0] > uses:
+            continue  # a snapshot that stays holds this segment too
+        ids = seg[1]
+        for j in range(0, len(ids), 16):
+            cid = ids[j:j + 16]
+            if any(cid):
+                lost[cid] = lost.get(cid, 0) + 1
+    return {cid for cid, n in lost.items() if (cat.get_chunk(txn, cid) or (0,) * 6)[5] == n}
+
+
 def plan(repo, now=None):
-    """What gc would do, as a dict of lists and byte counts. Changes nothing."""
+    """What gc would do, as a dict of lists and byte counts. Changes nothing.
+
+    The expired snapshots count as deleted: their chunks that nothing else references are among
+    DeadChunks, as gc will find them after deleting the snapshots.
+    """
     now = time.time() if now is None else now
     cat = repo.catalog
     dead, dead_bytes, named, pending = [], 0, set(), 0
     with cat.read() as txn:
         expired = [r["SnapshotId"] for r in cat.iter_json(txn, "snapshots") if _expired(r, now)]
+        dying = _freed_by(cat, txn, expired) if expired else set()
         with txn.cursor(db=cat.db["chunks"]) as cur:
             for key, val in cur:
                 entry = meta.CHUNK.unpack(val)
                 named.add(entry[0])
-                if entry[5] == 0:
+                if entry[5] == 0 or key in dying:
                     dead.append(key)
                     dead_bytes += entry[2]
         pending = txn.stat(cat.db["reclaim"])["entries"]
@@ -57,6 +84,20 @@ def plan(repo, now=None):
         "OrphanBytes": orphan_bytes,
         "PendingReclaim": pending,
     }
+
+
+def dry_run(repo, on_wait=None):
+    """The plan gc would carry out now: made under the same exclusive lock, so a running create's
+    packs and its not yet referenced chunks are not counted as removable."""
+    lock = repo.repo_lock()
+    if not lock.acquire(exclusive=True, blocking=False):
+        if on_wait:
+            on_wait()
+        lock.acquire(exclusive=True)
+    try:
+        return plan(repo)
+    finally:
+        lock.release()
 
 
 def execute(repo, on_wait=None):
