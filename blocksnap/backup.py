@@ -86,10 +86,9 @@ def create_snapshot(repo, disk_id, fields, client_token=None, params_hash=None, 
         IncorrectDiskStatusCreatingSnapshot, InvalidDiskIdNotFound, ImageNotFound,
         ImageUnreadable, ImageChanged, NoSpace, CreateSnapshotFailed.
     """
-    repo_lock = repo.repo_lock()
     disk_lock = repo.disk_lock(disk_id)
     repo.get_disk(disk_id)
-    repo_lock.acquire(exclusive=False)  # waits while gc runs
+    repo_lock = repo.lock_shared()  # waits while gc runs or waits to run
     try:
         if not disk_lock.acquire(exclusive=True, blocking=False):
             raise errors.IncorrectDiskStatusCreatingSnapshot(f"({disk_id})")

@@ -236,6 +236,49 @@ class Repository:
     def repo_lock(self):
         return FileLock(os.path.join(self.locks_dir, "repo.lock"))
 
+    def _gate(self):
+        return FileLock(os.path.join(self.locks_dir, "gate.lock"))
+
+    def lock_shared(self):
+        """``repo.lock`` taken shared, for a create, restore or verify; waits while gc runs or waits.
+
+        Readers pass ``gate.lock`` (shared, for a moment) on their way in, and gc holds it exclusive
+        while it waits for ``repo.lock``: new readers queue behind a waiting gc instead of overtaking
+        it, so gc (and RetentionDays expiry) cannot be starved by overlapping creates and restores.
+        """
+        gate = self._gate()
+        try:
+            gate.acquire(exclusive=False)
+            lock = self.repo_lock()
+            lock.acquire(exclusive=False)
+        except OSError as exc:
+            raise errors.RepositoryError(f"(cannot lock {self.locks_dir}: {exc.strerror})") from None
+        finally:
+            gate.release()
+        return lock
+
+    def lock_exclusive(self, on_wait=None):
+        """``repo.lock`` taken exclusive (gc): closes the gate to new readers, then waits for the running
+        ones. ``on_wait`` is called once if it has to wait."""
+        gate = self._gate()
+        lock = self.repo_lock()
+        waited = False
+        try:
+            if not gate.acquire(exclusive=True, blocking=False):
+                waited = True
+                if on_wait:
+                    on_wait()
+                gate.acquire(exclusive=True)
+            if not lock.acquire(exclusive=True, blocking=False):
+                if on_wait and not waited:
+                    on_wait()
+                lock.acquire(exclusive=True)
+        except OSError as exc:
+            raise errors.RepositoryError(f"(cannot lock {self.locks_dir}: {exc.strerror})") from None
+        finally:
+            gate.release()
+        return lock
+
     def disk_lock_path(self, disk_id):
         return os.path.join(self.locks_dir, f"disk-{disk_id}.lock")
 

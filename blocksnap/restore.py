@@ -84,8 +84,7 @@ def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, s
         return rec
 
     accomplished()  # fail fast, before waiting for a running gc
-    lock = repo.repo_lock()
-    lock.acquire(exclusive=False)
+    lock = repo.lock_shared()
     try:
         # Again under the lock, in the transaction that reads the map: a delete may have come between.
         with repo.catalog.read() as txn:
@@ -293,8 +292,7 @@ def verify(repo, snapshot_id=None, progress=None):
     """
     cat = repo.catalog
     problems = []
-    lock = repo.repo_lock()
-    lock.acquire(exclusive=False)
+    lock = repo.lock_shared()
     try:
         with cat.read() as txn:
             if snapshot_id is not None:

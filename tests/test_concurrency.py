@@ -572,3 +572,40 @@ def test_gc_removes_a_pack_the_table_knows_but_no_index_entry_names(tmp_path):
             assert c.repo.catalog.get_pack(txn, empty) is None
         assert restores_identical(c, tmp_path, sid, img)
         assert c.verify()["Ok"]
+
+
+def test_a_waiting_gc_is_not_overtaken_by_new_readers(tmp_path):
+    """Reader A holds the repository; gc waits for it; reader B comes after gc. B must queue behind gc,
+    not overtake it: otherwise overlapping creates and restores could keep gc (and RetentionDays expiry)
+    waiting forever."""
+    repo = str(tmp_path / "repo")
+    Client.init(repo, chunk_size=CHUNK)
+    events = []
+    with Client(repo) as c:
+        take_exclusive = c.repo.lock_exclusive
+
+        def recorded_exclusive(on_wait=None):
+            lock = take_exclusive(on_wait)
+            events.append("gc in")
+            return lock
+
+        c.repo.lock_exclusive = recorded_exclusive
+        a = c.repo.lock_shared()
+        gc_waiting = threading.Event()
+        gc = threading.Thread(target=lambda: c.gc(on_wait=gc_waiting.set))
+        gc.start()
+        assert gc_waiting.wait(10)
+
+        def reader_b():
+            lock = c.repo.lock_shared()
+            events.append("B in")
+            lock.release()
+
+        b = threading.Thread(target=reader_b)
+        b.start()
+        time.sleep(0.3)
+        assert events == []  # B waits behind gc, gc waits for A
+        a.release()
+        gc.join(30)
+        b.join(30)
+    assert events == ["gc in", "B in"]

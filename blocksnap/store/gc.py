@@ -89,11 +89,7 @@ def plan(repo, now=None):
 def dry_run(repo, on_wait=None):
     """The plan gc would carry out now: made under the same exclusive lock, so a running create's
     packs and its not yet referenced chunks are not counted as removable."""
-    lock = repo.repo_lock()
-    if not lock.acquire(exclusive=True, blocking=False):
-        if on_wait:
-            on_wait()
-        lock.acquire(exclusive=True)
+    lock = repo.lock_exclusive(on_wait)
     try:
         return plan(repo)
     finally:
@@ -107,11 +103,7 @@ def execute(repo, on_wait=None):
         on_wait: called once, with no arguments, if creates, restores or verifies are running
             and gc has to wait for them to finish.
     """
-    lock = repo.repo_lock()
-    if not lock.acquire(exclusive=True, blocking=False):
-        if on_wait:
-            on_wait()
-        lock.acquire(exclusive=True)
+    lock = repo.lock_exclusive(on_wait)
     try:
         before = repo.packs.disk_usage()
         expired = plan(repo)["ExpiredSnapshots"]
