@@ -155,6 +155,10 @@ def _open_output(output, in_place, size):
             return fd, False, False
     except OSError as exc:
         raise errors.RestoreFailed(f"({output}: {exc.strerror})") from exc
+    if not stat.S_ISREG(st.st_mode):  # --in-place cannot help: say what it is
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "neither a regular file nor a block device"
+        raise errors.RestoreFailed(f"({output} is {kind}; give the path of a new file, an existing file with "
+                                   "--in-place, or a block device)")
     raise errors.OutputExists(f"({output})")
 
 

@@ -141,3 +141,19 @@ def test_an_image_replaced_while_it_is_read_fails_the_snapshot(client, make_imag
     with pytest.raises(errors.ImageChanged):
         client.create_snapshot(disk, progress=replace)
     assert client.create_snapshot(disk)["SnapshotId"].startswith("s-")  # and the next one works
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_restore_onto_a_directory_says_what_it_is(repo_path, make_image, tmp_path, in_place):
+    """A directory (or a FIFO) as the restore target is RestoreSnapshot.Failed naming what it is, not the
+    advice to pass --in-place, which would not help."""
+    img = make_image("a.raw", MiB, [(0, b"x" * 4096)])
+    disk_id = json.loads(run_cli("--repo", repo_path, "--json", "disk", "add", img, check=True).stdout)["DiskId"]
+    sid = json.loads(run_cli("--repo", repo_path, "--json", "snapshot", "create", disk_id,
+                             check=True).stdout)["SnapshotId"]
+    target = tmp_path / "adir"
+    target.mkdir()
+    p = run_cli("--repo", repo_path, "restore", sid, str(target), *(["--in-place"] if in_place else []))
+    assert p.returncode == errors.RestoreFailed.exit_code
+    one_line_error(p, errors.RestoreFailed.code)
+    assert "is a directory" in p.stderr and list(target.iterdir()) == []
