@@ -110,16 +110,6 @@ class InvalidChunkSize(InvalidParameter):
     message = "The chunk size must be a power of two from 4 KiB to 4 MiB."
 
 
-class InvalidDiskIdMalformed(InvalidParameter):
-    code = "InvalidDiskId.Malformed"
-    message = "The specified DiskId is wrongly formed."
-
-
-class InvalidSnapshotIdMalformed(InvalidParameter):
-    code = "InvalidSnapshotId.Malformed"
-    message = "The specified SnapshotId is wrongly formed."
-
-
 # --- missing things (404) ---------------------------------------------------------------------------
 class NotFound(BlocksnapError, LookupError):
     code = "NotFound"
