@@ -140,6 +140,7 @@ def _public(rec, exclusive=None):
     out = {k: v for k, v in rec.items() if k not in ("Seq", "Pid", "ClientToken")}
     out.setdefault("SnapshotName", "")
     out.setdefault("Description", "")
+    out.setdefault("Category", "Standard")  # CreateSnapshot's default when none was given
     out["Tags"] = {"Tag": rec.get("Tags", [])}
     out["Available"] = rec["Status"] == ACCOMPLISHED
     if exclusive is not None:

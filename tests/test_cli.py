@@ -89,8 +89,11 @@ def test_category_from_the_command_line(repo_path, make_image):
     disk_id = json.loads(run_cli("--repo", repo_path, "--json", "disk", "add", img, check=True).stdout)["DiskId"]
     sid = json.loads(run_cli("--repo", repo_path, "--json", "snapshot", "create", disk_id, "--category", "Flash",
                              check=True).stdout)["SnapshotId"]
+    plain = json.loads(run_cli("--repo", repo_path, "--json", "snapshot", "create", disk_id,
+                               check=True).stdout)["SnapshotId"]
     listed = json.loads(run_cli("--repo", repo_path, "--json", "snapshot", "list", check=True).stdout)
-    assert [s["Category"] for s in listed["Snapshots"]["Snapshot"] if s["SnapshotId"] == sid] == ["Flash"]
+    categories = {s["SnapshotId"]: s["Category"] for s in listed["Snapshots"]["Snapshot"]}
+    assert categories == {sid: "Flash", plain: "Standard"}  # every snapshot shows one, Standard by default
     p = run_cli("--repo", repo_path, "snapshot", "create", disk_id, "--category", "Premium")
     assert p.returncode == 2
     one_line_error(p, "InvalidSnapshotCategory.Malformed")
