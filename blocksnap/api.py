@@ -207,8 +207,10 @@ class Client:
 
     # --- snapshots -----------------------------------------------------------------------------------
     def create_snapshot(self, disk_id, snapshot_name=None, description=None, retention_days=None,
-                        tags=None, client_token=None, category=None, progress=None):
+                        tags=None, client_token=None, category=None, progress=None, on_wait=None):
         """CreateSnapshot. Returns ``{"SnapshotId", "RequestId"}`` once the snapshot is accomplished.
+
+        ``on_wait`` (as for restore and verify) is called once if a running gc makes it wait.
 
         Raises:
             InvalidSnapshotNameMalformed, InvalidDescriptionMalformed, InvalidRetentionDaysMalformed,
@@ -245,7 +247,7 @@ class Client:
                     return {"SnapshotId": rec["SnapshotId"], "RequestId": request_id()}
                 # The first attempt failed: a retry with the same token tries again.
         try:
-            rec = backup.create_snapshot(self.repo, disk_id, fields, token, params_hash, progress)
+            rec = backup.create_snapshot(self.repo, disk_id, fields, token, params_hash, progress, on_wait)
         except errors.IncorrectDiskStatusCreatingSnapshot:
             if token:
                 self._raise_if_token_in_flight(token, params_hash)
@@ -320,20 +322,20 @@ class Client:
         freed, reclaimed = self.repo.delete_snapshot(snapshot_id)
         return {"RequestId": request_id(), "FreedChunks": freed, "ReclaimedBytes": reclaimed}
 
-    def restore(self, snapshot_id, output, in_place=False, progress=None, sync=False):
+    def restore(self, snapshot_id, output, in_place=False, progress=None, sync=False, on_wait=None):
         """Write a snapshot to ``output`` (see :func:`blocksnap.restore.restore_snapshot`)."""
         from . import restore as restoring  # imported on use: the CLI's other commands start faster
 
-        out = restoring.restore_snapshot(self.repo, snapshot_id, output, in_place, progress, sync)
+        out = restoring.restore_snapshot(self.repo, snapshot_id, output, in_place, progress, sync, on_wait)
         return dict(out, RequestId=request_id())
 
-    def verify(self, snapshot_id=None, progress=None):
+    def verify(self, snapshot_id=None, progress=None, on_wait=None):
         """Re-read and check stored chunks. ``Ok`` is false on any damage."""
         if snapshot_id is not None:
             self.repo.get_snapshot(snapshot_id)
         from . import restore as restoring
 
-        out = restoring.verify(self.repo, snapshot_id, progress)
+        out = restoring.verify(self.repo, snapshot_id, progress, on_wait)
         out["Ok"] = not out["Damaged"] and not out["Problems"]
         return dict(out, RequestId=request_id())
 

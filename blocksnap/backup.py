@@ -73,7 +73,7 @@ def find_parent(repo, txn, disk_id):
     return None
 
 
-def create_snapshot(repo, disk_id, fields, client_token=None, params_hash=None, progress=None):
+def create_snapshot(repo, disk_id, fields, client_token=None, params_hash=None, progress=None, on_wait=None):
     """Create a snapshot of a registered disk; returns its accomplished record.
 
     Args:
@@ -82,13 +82,14 @@ def create_snapshot(repo, disk_id, fields, client_token=None, params_hash=None, 
         fields: validated SnapshotName / Description / RetentionDays / Tags.
         client_token, params_hash: idempotency (api.py validated them).
         progress: optional callable(done_bytes, total_bytes).
+        on_wait: called once, with no arguments, if a running gc makes the create wait.
     Raises:
         IncorrectDiskStatusCreatingSnapshot, InvalidDiskIdNotFound, ImageNotFound,
         ImageUnreadable, ImageChanged, NoSpace, CreateSnapshotFailed.
     """
     disk_lock = repo.disk_lock(disk_id)
     repo.get_disk(disk_id)
-    repo_lock = repo.lock_shared()  # waits while gc runs or waits to run
+    repo_lock = repo.lock_shared(on_wait)  # waits while gc runs or waits to run
     try:
         if not disk_lock.acquire(exclusive=True, blocking=False):
             raise errors.IncorrectDiskStatusCreatingSnapshot(f"({disk_id})")

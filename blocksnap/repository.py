@@ -239,18 +239,26 @@ class Repository:
     def _gate(self):
         return FileLock(os.path.join(self.locks_dir, "gate.lock"))
 
-    def lock_shared(self):
+    def lock_shared(self, on_wait=None):
         """``repo.lock`` taken shared, for a create, restore or verify; waits while gc runs or waits.
 
         Readers pass ``gate.lock`` (shared, for a moment) on their way in, and gc holds it exclusive
         while it waits for ``repo.lock``: new readers queue behind a waiting gc instead of overtaking
         it, so gc (and RetentionDays expiry) cannot be starved by overlapping creates and restores.
+        ``on_wait`` is called once if it has to wait.
         """
         gate = self._gate()
+        lock = self.repo_lock()
         try:
-            gate.acquire(exclusive=False)
-            lock = self.repo_lock()
-            lock.acquire(exclusive=False)
+            waited = not gate.acquire(exclusive=False, blocking=False)
+            if waited:
+                if on_wait:
+                    on_wait()
+                gate.acquire(exclusive=False)
+            if not lock.acquire(exclusive=False, blocking=False):
+                if on_wait and not waited:
+                    on_wait()
+                lock.acquire(exclusive=False)
         except OSError as exc:
             raise errors.RepositoryError(f"(cannot lock {self.locks_dir}: {exc.strerror})") from None
         finally:

@@ -62,7 +62,7 @@ def _entry_problem(entry, chunk_size):
     return f"its index entry is damaged (stored {stored}, raw {raw}, codec {codec})"
 
 
-def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, sync=False):
+def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, sync=False, on_wait=None):
     """Write a snapshot's image to ``output``.
 
     Args:
@@ -84,7 +84,7 @@ def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, s
         return rec
 
     accomplished()  # fail fast, before waiting for a running gc
-    lock = repo.lock_shared()
+    lock = repo.lock_shared(on_wait)
     try:
         # Again under the lock, in the transaction that reads the map: a delete may have come between.
         with repo.catalog.read() as txn:
@@ -285,7 +285,7 @@ def _restore_into(repo, fd, fresh, ids, size, progress):
     return written
 
 
-def verify(repo, snapshot_id=None, progress=None):
+def verify(repo, snapshot_id=None, progress=None, on_wait=None):
     """Re-read and check every stored chunk (of one snapshot, or of the repository).
 
     Returns:
@@ -296,7 +296,7 @@ def verify(repo, snapshot_id=None, progress=None):
     """
     cat = repo.catalog
     problems = []
-    lock = repo.lock_shared()
+    lock = repo.lock_shared(on_wait)
     try:
         with cat.read() as txn:
             if snapshot_id is not None:

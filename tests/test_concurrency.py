@@ -609,3 +609,27 @@ def test_a_waiting_gc_is_not_overtaken_by_new_readers(tmp_path):
         gc.join(30)
         b.join(30)
     assert events == ["gc in", "B in"]
+
+
+@pytest.mark.parametrize("op", ["create", "restore", "verify"])
+def test_a_create_restore_or_verify_that_waits_for_gc_says_so(tmp_path, op):
+    """While gc holds the repository, a create, restore or verify waits; on_wait tells its caller (the CLI
+    prints a line) once, and the operation then completes."""
+    repo = str(tmp_path / "repo")
+    Client.init(repo, chunk_size=CHUNK)
+    img = write_random(tmp_path / "a.raw", MiB)
+    with Client(repo) as c:
+        disk = c.add_disk(img)["DiskId"]
+        sid = c.create_snapshot(disk)["SnapshotId"]
+        calls = {"create": lambda w: c.create_snapshot(disk, on_wait=w),
+                 "restore": lambda w: c.restore(sid, str(tmp_path / "out.raw"), on_wait=w),
+                 "verify": lambda w: c.verify(on_wait=w)}
+        waited, done = [], []
+        gc_lock = c.repo.lock_exclusive()  # gc is running
+        t = threading.Thread(target=lambda: done.append(calls[op](lambda: waited.append(1))))
+        t.start()
+        time.sleep(0.3)
+        assert waited == [1] and done == []
+        gc_lock.release()
+        t.join(30)
+        assert waited == [1] and len(done) == 1

@@ -4,6 +4,11 @@ import sys
 import time
 
 
+def waiting_for_gc():
+    """on_wait for creates, restores and verifies: say why nothing happens yet."""
+    print("blocksnap: waiting for a running gc to finish", file=sys.stderr, flush=True)
+
+
 def emit_json(obj):
     json.dump(obj, sys.stdout, indent=2, ensure_ascii=False)
     sys.stdout.write("\n")

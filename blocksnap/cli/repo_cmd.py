@@ -3,7 +3,7 @@ import sys
 
 from ..api import Client
 from ..repository import DEFAULT_CHUNK_SIZE
-from .output import emit_json, human_bytes, progress_for
+from .output import emit_json, human_bytes, progress_for, waiting_for_gc
 
 
 def _size(text):
@@ -25,7 +25,7 @@ def cmd_init(args, repo_path):
 
 def cmd_verify(args, client):
     bar = progress_for(args, "verify")
-    out = client.verify(args.snapshot_id, progress=bar)
+    out = client.verify(args.snapshot_id, progress=bar, on_wait=waiting_for_gc)
     bar.close()
     if args.json:
         emit_json(out)

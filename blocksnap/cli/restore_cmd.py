@@ -1,12 +1,12 @@
 """blocksnap restore."""
-from .output import emit_json, human_bytes, progress_for
+from .output import emit_json, human_bytes, progress_for, waiting_for_gc
 
 
 def cmd_restore(args, client):
     bar = progress_for(args, "restore")
     try:
         out = client.restore(args.snapshot_id, args.output, in_place=args.in_place, progress=bar,
-                             sync=args.sync)
+                             sync=args.sync, on_wait=waiting_for_gc)
     finally:
         bar.close()
     if args.json:

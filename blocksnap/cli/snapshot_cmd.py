@@ -1,7 +1,7 @@
 """blocksnap snapshot create / list / delete."""
 import sys
 
-from .output import emit_json, human_bytes, progress_for, table
+from .output import emit_json, human_bytes, progress_for, table, waiting_for_gc
 
 
 def _tag(text):
@@ -14,7 +14,8 @@ def cmd_create(args, client):
     try:
         out = client.create_snapshot(args.disk_id, snapshot_name=args.snapshot_name, description=args.description,
                                      retention_days=args.retention_days, tags=args.tag,
-                                     client_token=args.client_token, category=args.category, progress=bar)
+                                     client_token=args.client_token, category=args.category, progress=bar,
+                                     on_wait=waiting_for_gc)
     finally:
         bar.close()
     if args.json:
