@@ -247,40 +247,24 @@ class Repository:
         it, so gc (and RetentionDays expiry) cannot be starved by overlapping creates and restores.
         ``on_wait`` is called once if it has to wait.
         """
-        gate = self._gate()
-        lock = self.repo_lock()
-        try:
-            waited = not gate.acquire(exclusive=False, blocking=False)
-            if waited:
-                if on_wait:
-                    on_wait()
-                gate.acquire(exclusive=False)
-            if not lock.acquire(exclusive=False, blocking=False):
-                if on_wait and not waited:
-                    on_wait()
-                lock.acquire(exclusive=False)
-        except OSError as exc:
-            raise errors.RepositoryError(f"(cannot lock {self.locks_dir}: {exc.strerror})") from None
-        finally:
-            gate.release()
-        return lock
+        return self._lock_through_gate(False, on_wait)
 
     def lock_exclusive(self, on_wait=None):
         """``repo.lock`` taken exclusive (gc): closes the gate to new readers, then waits for the running
         ones. ``on_wait`` is called once if it has to wait."""
+        return self._lock_through_gate(True, on_wait)
+
+    def _lock_through_gate(self, exclusive, on_wait):
         gate = self._gate()
         lock = self.repo_lock()
         waited = False
         try:
-            if not gate.acquire(exclusive=True, blocking=False):
-                waited = True
-                if on_wait:
-                    on_wait()
-                gate.acquire(exclusive=True)
-            if not lock.acquire(exclusive=True, blocking=False):
-                if on_wait and not waited:
-                    on_wait()
-                lock.acquire(exclusive=True)
+            for f in (gate, lock):  # the gate in the same mode: shared for readers, exclusive for gc
+                if not f.acquire(exclusive=exclusive, blocking=False):
+                    if on_wait and not waited:
+                        on_wait()
+                    waited = True
+                    f.acquire(exclusive=exclusive)
         except OSError as exc:
             raise errors.RepositoryError(f"(cannot lock {self.locks_dir}: {exc.strerror})") from None
         finally:
