@@ -12,6 +12,7 @@ requests in api.py.
 """
 import datetime
 import errno
+import fcntl
 import json
 import os
 import re
@@ -91,14 +92,97 @@ def crashpoint(name):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _half_made(path):
-    """True if ``path`` holds only what an init killed before its config was in place left: no config,
-    no pack file, nothing but a build directory and the entries init moves out of it (or, from versions
-    before 2026-11-27, which built the repository in place, config.tmp)."""
-    names = {n for n in os.listdir(path) if not n.startswith(".init-")}
-    if not names <= {"packs", "locks", "catalog", "config.tmp"}:
+def _build(build, chunk_size):
+    """Make a complete new repository in the directory ``build`` (which must not exist); returns its config.
+    On any failure nothing of it is left."""
+    os.mkdir(build)
+    try:
+        for sub in ("packs", "locks"):
+            os.mkdir(os.path.join(build, sub))
+        meta.create_env(os.path.join(build, "catalog"))
+        meta.close_env(os.path.join(build, "catalog"))  # LMDB must not see it open under two names
+        config = {
+            "Format": FORMAT_NAME,
+            "Version": FORMAT_VERSION,
+            "RepositoryId": os.urandom(16).hex(),
+            "ChunkSize": chunk_size,
+            "SegmentChunks": SEGMENT_CHUNKS,
+            "ChunkId": "xxh3-128",
+            "Compression": "zstd:1",
+            "CreationTime": now_iso(),
+        }
+        with open(os.path.join(build, "config"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(build)
+        crashpoint("init-before-rename")
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return config
+
+
+def _killed_init_leftovers(path):
+    """The entries of ``path`` to clear before an init there, or None if anything in it is not exactly
+    what a killed init leaves: its build directories (``.init-*``), the entries it had moved up (an empty
+    catalog, empty ``packs/``, lock files), or, from versions before 2026-11-27, which built in place,
+    ``config.tmp``. Anything else (a user's own files, a repository that lost only its config) is
+    refused, never deleted. The caller holds the directory's lock, so no build here is live."""
+    names = os.listdir(path)
+    for name in names:
+        target = os.path.join(path, name)
+        if os.path.islink(target):
+            return None
+        if name.startswith(".init-"):
+            if not os.path.isdir(target) or not set(os.listdir(target)) <= {"packs", "locks", "catalog", "config"}:
+                return None
+            target_catalog = os.path.join(target, "catalog")
+            if os.path.exists(target_catalog) and not _empty_catalog(target_catalog):
+                return None
+        elif name == "packs":
+            if not os.path.isdir(target) or any(files for _, _, files in os.walk(target)):
+                return None
+        elif name == "locks":
+            if not os.path.isdir(target) or not all(n.endswith(".lock") and os.path.isfile(os.path.join(target, n))
+                                                    for n in os.listdir(target)):
+                return None
+        elif name == "catalog":
+            if not _empty_catalog(target):
+                return None
+        elif name == "config.tmp":
+            try:
+                with open(target, encoding="utf-8") as f:
+                    if json.load(f).get("Format") != FORMAT_NAME:
+                        return None
+            except (OSError, ValueError, AttributeError):
+                return None
+        else:
+            return None
+    return names
+
+
+def _empty_catalog(path):
+    """True if ``path`` is an LMDB catalog directory holding no record at all (what init makes)."""
+    if not os.path.isdir(path) or not set(os.listdir(path)) <= {"data.mdb", "lock.mdb"}:
         return False
-    return not any(files for _, _, files in os.walk(os.path.join(path, "packs")))
+    try:
+        env = lmdb.open(path, readonly=True, lock=False, max_dbs=meta.MAX_DBS, subdir=True, create=False)
+    except lmdb.Error:
+        return False
+    try:
+        with env.begin() as txn:
+            names = [k for k, _ in txn.cursor()]  # the main database lists the named ones
+            for name in names:
+                db = env.open_db(name, txn=txn, create=False)
+                if txn.stat(db)["entries"]:
+                    return False
+        return True
+    except lmdb.Error:
+        return False
+    finally:
+        env.close()
 
 
 class Repository:
@@ -128,64 +212,48 @@ class Repository:
         # exists completely or not at all, whatever point a kill or a full disk stops this at. For a
         # path that does not exist yet (the per-user default on first use), the build directory is a
         # sibling renamed onto it in one step, so of two processes making it, one wins cleanly. An
-        # existing empty directory (a mount point, say, or a symlink to one) cannot be replaced:
-        # the build directory goes inside it and its entries move up, config last; a kill before
-        # that leaves what _half_made recognizes and the next init clears.
-        in_place = os.path.isdir(path)
-        if in_place:
-            if os.listdir(path):
-                if not _half_made(path):
-                    raise errors.RepositoryExists(f"({path} is a non-empty directory)")
-                for name in os.listdir(path):
-                    target = os.path.join(path, name)
-                    if os.path.isdir(target):
-                        shutil.rmtree(target)
-                    else:
-                        os.unlink(target)
-            home = path
-            build = os.path.join(path, f".init-{os.urandom(6).hex()}")
-        else:
+        # existing directory (a mount point, say, or a symlink to one) cannot be replaced: holding a
+        # lock on it, init builds inside it and moves the entries up, config last.
+        if not os.path.isdir(path):
             home = os.path.dirname(os.path.abspath(path))
             os.makedirs(home, exist_ok=True)
             build = os.path.join(home, f".{os.path.basename(os.path.abspath(path))}.init-{os.urandom(6).hex()}")
-        os.mkdir(build)
+            config = _build(build, chunk_size)
+            try:
+                os.rename(build, path)
+            except OSError as exc:
+                shutil.rmtree(build, ignore_errors=True)
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                    raise errors.RepositoryExists(f"({path})") from None
+                raise
+            fsync_dir(home)
+            return cls(path, config)
+        dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            for sub in ("packs", "locks"):
-                os.mkdir(os.path.join(build, sub))
-            meta.create_env(os.path.join(build, "catalog"))
-            meta.close_env(os.path.join(build, "catalog"))  # LMDB must not see it open under two names
-            config = {
-                "Format": FORMAT_NAME,
-                "Version": FORMAT_VERSION,
-                "RepositoryId": os.urandom(16).hex(),
-                "ChunkSize": chunk_size,
-                "SegmentChunks": SEGMENT_CHUNKS,
-                "ChunkId": "xxh3-128",
-                "Compression": "zstd:1",
-                "CreationTime": now_iso(),
-            }
-            with open(os.path.join(build, "config"), "w", encoding="utf-8") as f:
-                json.dump(config, f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            fsync_dir(build)
-            crashpoint("init-before-rename")
-            if in_place:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX)  # another init here waits, then finds config
+            if os.path.exists(os.path.join(path, "config")):
+                raise errors.RepositoryExists(f"({path})")
+            leftovers = _killed_init_leftovers(path)
+            if leftovers is None:
+                raise errors.RepositoryExists(f"({path} is a non-empty directory)")
+            for name in leftovers:
+                target = os.path.join(path, name)
+                if os.path.isdir(target):
+                    shutil.rmtree(target)
+                else:
+                    os.unlink(target)
+            build = os.path.join(path, f".init-{os.urandom(6).hex()}")
+            config = _build(build, chunk_size)
+            try:
                 for name in ("packs", "locks", "catalog", "config"):  # the repository exists after the last
                     os.rename(os.path.join(build, name), os.path.join(path, name))
                 os.rmdir(build)
-            else:
-                try:
-                    os.rename(build, path)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
-                        raise errors.RepositoryExists(f"({path})") from None
-                    raise
-        except BaseException:
-            shutil.rmtree(build, ignore_errors=True)
-            raise
-        fsync_dir(home)
+            except BaseException:
+                shutil.rmtree(build, ignore_errors=True)
+                raise
+            fsync_dir(path)
+        finally:
+            os.close(dir_fd)
         return cls(path, config)
 
     @classmethod

@@ -118,6 +118,10 @@ def _open_output(output, in_place, size):
     allows it (O_TMPFILE) and named only once it is complete (``_name_output``): a restore that fails or
     is killed leaves no file that looks like a restored image. Elsewhere it is created under its name
     and removed if the restore fails."""
+    if output.endswith(os.sep) or os.path.basename(output) in ("", ".", ".."):
+        raise errors.RestoreFailed(f"({output} names a directory; give the path of a file or a block device)")
+    if os.path.islink(output) and not os.path.exists(output):
+        raise errors.RestoreFailed(f"({output} is a symlink to {os.readlink(output)}, which does not exist)")
     try:
         st = os.stat(output)
     except FileNotFoundError:

@@ -160,3 +160,21 @@ def test_restore_onto_a_directory_says_what_it_is(repo_path, make_image, tmp_pat
     assert p.returncode == errors.RestoreFailed.exit_code
     one_line_error(p, errors.RestoreFailed.code)
     assert "is a directory" in p.stderr and list(target.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["dangling symlink", "trailing slash"])
+def test_a_restore_target_that_cannot_be_named_is_refused_before_any_work(repo_path, make_image, tmp_path, kind):
+    img = make_image("a.raw", MiB, [(0, b"x" * 4096)])
+    disk_id = json.loads(run_cli("--repo", repo_path, "--json", "disk", "add", img, check=True).stdout)["DiskId"]
+    sid = json.loads(run_cli("--repo", repo_path, "--json", "snapshot", "create", disk_id,
+                             check=True).stdout)["SnapshotId"]
+    if kind == "dangling symlink":
+        target = tmp_path / "dl"
+        target.symlink_to(tmp_path / "nowhere" / "x")
+        arg, says = str(target), "does not exist"
+    else:
+        arg, says = str(tmp_path / "newout") + "/", "names a directory"
+    p = run_cli("--repo", repo_path, "restore", sid, arg)
+    assert p.returncode == errors.RestoreFailed.exit_code
+    one_line_error(p, errors.RestoreFailed.code)
+    assert says in p.stderr

@@ -570,3 +570,92 @@ def test_init_at_a_mount_point(mount_tmpfs):
     assert rc == 0, err
     rc, _, err = finish(cli("--repo", mnt, "disk", "list"))
     assert rc == 0, err
+
+
+def test_init_never_deletes_what_is_not_a_killed_init(tmp_path):
+    """A directory whose names happen to be init's (catalog/, locks/, config.tmp) but whose contents are the
+    user's, or a repository that lost only its config while its catalog holds disks, is refused as it is."""
+    from blocksnap import errors
+
+    mine = tmp_path / "proj"
+    (mine / "catalog").mkdir(parents=True)
+    (mine / "locks").mkdir()
+    (mine / "catalog" / "products.csv").write_text("important")
+    (mine / "locks" / "notes.txt").write_text("x")
+    (mine / "config.tmp").write_text("cfg")
+    with pytest.raises(errors.RepositoryExists):
+        Client.init(str(mine))
+    assert (mine / "catalog" / "products.csv").read_text() == "important"
+    assert (mine / "locks" / "notes.txt").read_text() == "x" and (mine / "config.tmp").read_text() == "cfg"
+
+    lost = tmp_path / "lost"
+    Client.init(str(lost), chunk_size=CHUNK)
+    image = tmp_path / "a.raw"
+    image.write_bytes(b"x" * 4096)
+    with Client(str(lost)) as c:
+        c.add_disk(str(image))
+    meta.close_env(str(lost / "catalog"))
+    (lost / "config").unlink()
+    with pytest.raises(errors.RepositoryExists):
+        Client.init(str(lost), chunk_size=CHUNK)
+    assert (lost / "catalog" / "data.mdb").exists()
+
+
+def test_inits_racing_on_one_existing_directory(tmp_path):
+    """Several inits of the same existing empty directory at once (the per-user default's first use, when
+    its directory exists): one makes the repository, the others are Repository.Exists, and the one made is
+    whole and stays."""
+    target = tmp_path / "shared"
+    for trial in range(6):
+        d = target / str(trial)
+        d.mkdir(parents=True)
+        procs = [cli("--repo", str(d), "init") for _ in range(3)]
+        results = [finish(p) for p in procs]
+        codes = sorted(rc for rc, _, _ in results)
+        assert codes == [0, 6, 6], [err for _, _, err in results]
+        for rc, _, err in results:
+            if rc:
+                assert "Repository.Exists" in err and "Traceback" not in err, err
+        assert sorted(p.name for p in d.iterdir()) == ["catalog", "config", "locks", "packs"]
+        rc, _, err = finish(cli("--repo", str(d), "disk", "list"))
+        assert rc == 0, err
+
+
+def test_an_init_waits_for_another_building_in_the_same_directory(tmp_path, monkeypatch):
+    """The race made certain: init A is building inside the directory when init B starts there. B must
+    not take A's build for a killed one and clear it: it waits, then finds the repository."""
+    import threading
+    import time
+
+    from blocksnap import errors, repository
+
+    real_build = repository._build
+    building = threading.Event()
+
+    def slow_build(build, chunk_size):
+        building.set()
+        time.sleep(0.5)
+        return real_build(build, chunk_size)
+
+    monkeypatch.setattr(repository, "_build", slow_build)
+    d = tmp_path / "d"
+    d.mkdir()
+    outcome = {}
+
+    def init_a():
+        try:
+            outcome["a"] = repository.Repository.init(str(d), CHUNK).config["RepositoryId"]
+        except Exception as exc:  # reported below
+            outcome["a"] = exc
+
+    a = threading.Thread(target=init_a)
+    a.start()
+    assert building.wait(10)
+    monkeypatch.setattr(repository, "_build", real_build)
+    with pytest.raises(errors.RepositoryExists):
+        repository.Repository.init(str(d), CHUNK)
+    a.join(30)
+    assert isinstance(outcome["a"], str), outcome
+    meta.close_env(str(d / "catalog"))
+    with Client(str(d)) as c:
+        assert c.repo.config["RepositoryId"] == outcome["a"]
