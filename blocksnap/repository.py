@@ -460,18 +460,21 @@ class Repository:
 
     def exclusive_bytes(self, snapshot_id, txn):
         """Stored bytes that deleting this snapshot would free (chunks nothing else references)."""
+        return sum(entry[2] for entry in self.chunks_freed_by(txn, [snapshot_id]).values())
+
+    def chunks_freed_by(self, txn, snapshot_ids):
+        """``{chunk_id: index entry}`` of the chunks that deleting these snapshots would leave unreferenced."""
         cat = self.catalog
-        segs = txn.get(snapshot_id.encode(), db=cat.db["snapmaps"])
-        if not segs:
-            return 0
         seg_uses = {}
-        for i in range(0, len(segs), 16):
-            sid = segs[i:i + 16]
-            if sid != ZERO_ID:
-                seg_uses[sid] = seg_uses.get(sid, 0) + 1
+        for snapshot_id in snapshot_ids:
+            segs = txn.get(snapshot_id.encode(), db=cat.db["snapmaps"]) or b""
+            for i in range(0, len(segs), 16):
+                sid = segs[i:i + 16]
+                if sid != ZERO_ID:
+                    seg_uses[sid] = seg_uses.get(sid, 0) + 1
         # A chunk's refcount counts its places in distinct segments (add_map_refs), however many
-        # snapshots, or places in one map, use a segment: so count each place in an exclusive
-        # segment once.
+        # snapshots, or places in one map, use a segment: so count each place in a segment that
+        # only these snapshots hold once.
         chunk_uses = {}
         for sid, uses in seg_uses.items():
             seg = cat.get_segment(txn, sid)
@@ -482,11 +485,11 @@ class Repository:
                 cid = ids[j:j + 16]
                 if cid != ZERO_ID:
                     chunk_uses[cid] = chunk_uses.get(cid, 0) + 1
-        freed = 0
+        freed = {}
         for cid, uses in chunk_uses.items():
             entry = cat.get_chunk(txn, cid)
             if entry is not None and entry[5] == uses:
-                freed += entry[2]
+                freed[cid] = entry
         return freed
 
     # --- reference counting --------------------------------------------------------------------------

@@ -24,28 +24,6 @@ def _expired(rec, now):
     return t.timestamp() <= now
 
 
-def _freed_by(cat, txn, snapshot_ids):
-    """Chunk ids whose references would all go with these snapshots (what deleting them would kill)."""
-    seg_uses = {}
-    for sid in snapshot_ids:
-        segs = txn.get(sid.encode(), db=cat.db["snapmaps"]) or b""
-        for i in range(0, len(segs), 16):
-            seg = segs[i:i + 16]
-            if any(seg):
-                seg_uses[seg] = seg_uses.get(seg, 0) + 1
-    lost = {}
-    for seg_id, uses in seg_uses.items():
-        seg = cat.get_segment(txn, seg_id)
-        if seg is None or seg[0] > uses:
-            continue  # a snapshot that stays holds this segment too
-        ids = seg[1]
-        for j in range(0, len(ids), 16):
-            cid = ids[j:j + 16]
-            if any(cid):
-                lost[cid] = lost.get(cid, 0) + 1
-    return {cid for cid, n in lost.items() if (cat.get_chunk(txn, cid) or (0,) * 6)[5] == n}
-
-
 def plan(repo, now=None):
     """What gc would do, as a dict of lists and byte counts. Changes nothing.
 
@@ -57,7 +35,7 @@ def plan(repo, now=None):
     dead, dead_bytes, named, pending = [], 0, set(), 0
     with cat.read() as txn:
         expired = [r["SnapshotId"] for r in cat.iter_json(txn, "snapshots") if _expired(r, now)]
-        dying = _freed_by(cat, txn, expired) if expired else set()
+        dying = repo.chunks_freed_by(txn, expired)
         with txn.cursor(db=cat.db["chunks"]) as cur:
             for key, val in cur:
                 entry = meta.CHUNK.unpack(val)
