@@ -236,46 +236,52 @@ class Client:
             import hashlib  # only for ClientToken requests; its import costs every command otherwise
 
             params_hash = hashlib.sha256(json.dumps([disk_id, fields], sort_keys=True).encode()).hexdigest()
-            known = self._token_snapshot(token)
-            if known is not None:
-                if known[0] != params_hash:
-                    raise errors.IdempotentParameterMismatch()
-                rec = self.repo.get_snapshot(known[1])
-                if rec["Status"] == "progressing":
-                    raise errors.IdempotentProcessing()
-                if rec["Status"] == ACCOMPLISHED:
-                    return {"SnapshotId": rec["SnapshotId"], "RequestId": request_id()}
-                # The first attempt failed: a retry with the same token tries again.
+            answer = self._token_answer(token, params_hash)
+            if answer is not None:
+                return answer
         try:
             rec = backup.create_snapshot(self.repo, disk_id, fields, token, params_hash, progress, on_wait)
         except errors.IncorrectDiskStatusCreatingSnapshot:
-            if token:
-                self._raise_if_token_in_flight(token, params_hash)
-            raise
+            answer = self._answer_when_recorded(token, params_hash) if token else None
+            if answer is None:
+                raise
+            return answer
         return {"SnapshotId": rec["SnapshotId"], "RequestId": request_id()}
 
-    def _raise_if_token_in_flight(self, token, params_hash, wait=2.0):
+    def _answer_when_recorded(self, token, params_hash, wait=2.0):
         """The disk is busy: if the create holding it is this token's own first request (which records
-        its token right after taking the disk), say so as the cloud API does, IdempotentProcessing (or
-        IdempotentParameterMismatch), instead of the busy disk's error."""
+        its token right after taking the disk), answer as the cloud API does (IdempotentProcessing or
+        IdempotentParameterMismatch raised, or the snapshot if it is done) instead of with the busy
+        disk's error; None if the token is not recorded within ``wait`` seconds."""
         deadline = time.monotonic() + wait
-        while True:
-            known = self._token_snapshot(token)
-            if known is not None:
-                if known[0] != params_hash:
-                    raise errors.IdempotentParameterMismatch()
-                if self.repo.get_snapshot(known[1])["Status"] == "progressing":
-                    raise errors.IdempotentProcessing()
-                return
+        while not self._token_recorded(token):
             if time.monotonic() >= deadline:
-                return
+                return None
             time.sleep(0.02)
+        return self._token_answer(token, params_hash)
 
-    def _token_snapshot(self, token):
+    def _token_answer(self, token, params_hash):
+        """What a request with a recorded ClientToken gets: the accomplished snapshot's reply, or
+        IdempotentParameterMismatch / IdempotentProcessing raised; None if the token is not recorded
+        or its snapshot failed (a retry with the same token tries again)."""
         cat = self.repo.catalog
         with cat.read() as txn:
             prev = cat.get_json(txn, "tokens", token)
-        return None if prev is None else (prev["ParamsHash"], prev["SnapshotId"])
+        if prev is None:
+            return None
+        if prev["ParamsHash"] != params_hash:
+            raise errors.IdempotentParameterMismatch()
+        rec = self.repo.get_snapshot(prev["SnapshotId"])
+        if rec["Status"] == "progressing":
+            raise errors.IdempotentProcessing()
+        if rec["Status"] == ACCOMPLISHED:
+            return {"SnapshotId": rec["SnapshotId"], "RequestId": request_id()}
+        return None
+
+    def _token_recorded(self, token):
+        cat = self.repo.catalog
+        with cat.read() as txn:
+            return cat.get_json(txn, "tokens", token) is not None
 
     def describe_snapshots(self, disk_id=None, snapshot_ids=None, status=None, sizes=True):
         """DescribeSnapshots: every snapshot (or one disk's, or the listed ids), oldest first.
