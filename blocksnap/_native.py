@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "(needs libxxhash-dev and a C compiler)."
     ) from exc
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 ID_LEN = lib.BS_ID_LEN
 ZERO_ID = bytes(ID_LEN)
 
@@ -197,6 +197,7 @@ _DAMAGE = {
     lib.BS_DAMAGE_HEADER: "record header does not match the index",
     lib.BS_DAMAGE_DECODE: "stored bytes do not decode",
     lib.BS_DAMAGE_HASH: "content does not hash to its id",
+    lib.BS_DAMAGE_INDEX: "its index entry gives lengths larger than a chunk",
 }
 
 

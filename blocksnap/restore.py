@@ -50,18 +50,6 @@ def _locate(repo, txn, ids, first, count, include_zero=True):
     return out
 
 
-def _entry_problem(entry, chunk_size):
-    """What is impossible about a chunk's index entry in a repository of ``chunk_size`` chunks, or None.
-
-    Lengths come from the catalog, which has no checksums of its own: a flipped bit there must be
-    reported as damage, not passed to the C core (whose buffers are one chunk long).
-    """
-    stored, raw, codec = entry[2], entry[3], entry[4]
-    if 0 < raw <= chunk_size and 0 < stored <= chunk_size and codec in (_native.CODEC_RAW, _native.CODEC_ZSTD):
-        return None
-    return f"its index entry is damaged (stored {stored}, raw {raw}, codec {codec})"
-
-
 def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, sync=False, on_wait=None):
     """Write a snapshot's image to ``output``.
 
@@ -244,11 +232,6 @@ def _restore_into(repo, fd, fresh, ids, size, progress):
                     _zero_range(fd, off, clen, can_punch, zeros)
                 continue
             pack_id, rec_off, stored, raw, codec = entry[:5]
-            problem = _entry_problem(entry, cs)
-            if problem is None and raw != clen:
-                problem = f"its index entry says {raw} bytes, the chunk has {clen}"
-            if problem:
-                raise errors.RepositoryDamaged(f"chunk {cid.hex()} at offset {off}: {problem}")
             try:
                 pack_fd = _pack_fd(repo, pack_id)
             except OSError as exc:
@@ -363,10 +346,6 @@ def _check_batch(repo, batch):
     bad, items, where = {}, [], []
     for entry, cid in batch:
         pack_id, rec_off, stored, raw, codec = entry[:5]
-        problem = _entry_problem(entry, repo.chunk_size)
-        if problem:
-            bad[cid] = problem
-            continue
         try:
             pack_fd = _pack_fd(repo, pack_id)
         except OSError as exc:

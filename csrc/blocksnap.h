@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
-#define BS_ABI_VERSION 7
+#define BS_ABI_VERSION 8
 
 #define BS_OK 0
 #define BS_EINVAL -1 /* an argument is out of range; nothing was written */
@@ -154,14 +154,17 @@ typedef struct {
 #define BS_DAMAGE_HEADER 2 /* the record header does not match the index */
 #define BS_DAMAGE_DECODE 3 /* the stored bytes do not decode to raw_len bytes */
 #define BS_DAMAGE_HASH 4   /* the content does not hash to its id */
+#define BS_DAMAGE_INDEX 5  /* the item's lengths do not fit the buffers (a damaged index entry) */
 
 /*
  * bs_restore_chunks: for each item: read its record, check the header
  * against the item, decode, check the XXH3-128 against the id, and write
  * the bytes to out_fd at out_offset (skipping all-zero sparse_block blocks
  * when sparse_block > 0, see bs_pwrite_sparse). out_fd < 0 checks only:
- * that is how verify reads the repository. scratch must hold
- * 32 + the largest stored_len, raw the largest raw_len. Stops at the first
+ * that is how verify reads the repository. scratch holds 32 + one chunk,
+ * raw one chunk: an item whose lengths do not fit them comes from a damaged
+ * index entry (BS_DAMAGE_INDEX), since the lengths are read from the
+ * catalog, which has no checksums of its own. Stops at the first
  * failure: *failed_out = its index, and BS_EIO (*detail_out = errno, from
  * a read or write) or BS_EDAMAGED (*detail_out = BS_DAMAGE_*). On success
  * *failed_out = n. Items before the failed one are written.

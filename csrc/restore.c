@@ -31,8 +31,10 @@ int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n,
     for (uint32_t k = 0; k < n; k++) {
         const bs_restore_item *it = &items[k];
         *failed_out = k;
-        if (BS_RECORD_SIZE + (size_t)it->stored_len > scratch_len || it->raw_len > raw_len)
-            return BS_EINVAL;
+        if (BS_RECORD_SIZE + (size_t)it->stored_len > scratch_len || it->raw_len > raw_len) {
+            *detail_out = BS_DAMAGE_INDEX;
+            return BS_EDAMAGED;
+        }
         int rc = read_record(it->pack_fd, scratch, BS_RECORD_SIZE + (size_t)it->stored_len, it->pack_offset,
                              detail_out);
         if (rc != BS_OK)

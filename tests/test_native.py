@@ -599,6 +599,12 @@ def test_restore_chunks_names_the_damaged_chunk(tmp_path):
                 r.restore(bad, fd, 0)
             assert exc.value.index == 1 and "record header" in exc.value.problem
         r.restore(bad[2:], -1, 0)  # verify goes on after a damaged chunk
+        huge = list(good)
+        huge[1] = huge[1][:2] + (1 << 24,) + huge[1][3:]  # a stored length no chunk can have (a flipped bit)
+        for fd in (o.fileno(), -1):
+            with pytest.raises(_native.RestoreDamage) as exc:
+                r.restore(huge, fd, 0)
+            assert exc.value.index == 1 and "index entry" in exc.value.problem
         torn = list(good)
         torn[2] = torn[2][:1] + (torn[2][1] + 40,) + torn[2][2:]  # the record's tail lies past the end
         with pytest.raises(_native.RestoreDamage) as exc:
