@@ -462,16 +462,21 @@ class Repository:
         """Stored bytes that deleting this snapshot would free (chunks nothing else references)."""
         return sum(entry[2] for entry in self.chunks_freed_by(txn, [snapshot_id]).values())
 
-    def chunks_freed_by(self, txn, snapshot_ids):
-        """``{chunk_id: index entry}`` of the chunks that deleting these snapshots would leave unreferenced."""
-        cat = self.catalog
-        seg_uses = {}
+    def segment_uses(self, txn, snapshot_ids):
+        """``{segment_id: places}``: how often these snapshots' maps use each (non-zero) segment."""
+        uses = {}
         for snapshot_id in snapshot_ids:
-            segs = txn.get(snapshot_id.encode(), db=cat.db["snapmaps"]) or b""
+            segs = txn.get(snapshot_id.encode(), db=self.catalog.db["snapmaps"]) or b""
             for i in range(0, len(segs), 16):
                 sid = segs[i:i + 16]
                 if sid != ZERO_ID:
-                    seg_uses[sid] = seg_uses.get(sid, 0) + 1
+                    uses[sid] = uses.get(sid, 0) + 1
+        return uses
+
+    def chunks_freed_by(self, txn, snapshot_ids):
+        """``{chunk_id: index entry}`` of the chunks that deleting these snapshots would leave unreferenced."""
+        cat = self.catalog
+        seg_uses = self.segment_uses(txn, snapshot_ids)
         # A chunk's refcount counts its places in distinct segments (add_map_refs), however many
         # snapshots, or places in one map, use a segment: so count each place in a segment that
         # only these snapshots hold once.

@@ -370,13 +370,7 @@ def _check_batch(repo, batch):
 def _check_refcounts(repo, txn, maps):
     """Recount segment and chunk references from the snapshot maps; report every difference."""
     cat = repo.catalog
-    seg_refs = {}
-    for sid in maps:
-        segs = txn.get(sid.encode(), db=cat.db["snapmaps"]) or b""
-        for j in range(0, len(segs), 16):
-            s = segs[j:j + 16]
-            if s != ZERO_ID:
-                seg_refs[s] = seg_refs.get(s, 0) + 1
+    seg_refs = repo.segment_uses(txn, maps)
     chunk_refs = {}
     out = []
     with txn.cursor(db=cat.db["segments"]) as cur:
