@@ -282,8 +282,10 @@ def test_a_retry_arriving_before_the_first_request_recorded_its_token(client, di
         return real_register(self, img)
 
     monkeypatch.setattr(backup._Create, "_register", slow_register)
+    retries_done = threading.Event()
     first = threading.Thread(target=client.create_snapshot, args=(disk,),
-                             kwargs={"snapshot_name": "s1", "client_token": "tok-race"})
+                             kwargs={"snapshot_name": "s1", "client_token": "tok-race",
+                                     "progress": lambda done, total: retries_done.wait(30)})
     first.start()
     try:
         assert holding.wait(30)
@@ -295,6 +297,7 @@ def test_a_retry_arriving_before_the_first_request_recorded_its_token(client, di
             except errors.BlocksnapError as exc:
                 seen.append(exc.code)
     finally:
+        retries_done.set()  # the first request stays in progress until the retries are answered
         first.join()
     assert seen == ["IdempotentProcessing", "IdempotentParameterMismatch"]
     assert client.describe_snapshots(sizes=False)["TotalCount"] == 1

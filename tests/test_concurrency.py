@@ -625,11 +625,18 @@ def test_a_create_restore_or_verify_that_waits_for_gc_says_so(tmp_path, op):
                  "restore": lambda w: c.restore(sid, str(tmp_path / "out.raw"), on_wait=w),
                  "verify": lambda w: c.verify(on_wait=w)}
         waited, done = [], []
+        told = threading.Event()
+
+        def on_wait():
+            waited.append(1)
+            told.set()
+
         gc_lock = c.repo.lock_exclusive()  # gc is running
-        t = threading.Thread(target=lambda: done.append(calls[op](lambda: waited.append(1))))
+        t = threading.Thread(target=lambda: done.append(calls[op](on_wait)))
         t.start()
-        time.sleep(0.3)
-        assert waited == [1] and done == []
+        assert told.wait(30)
+        time.sleep(0.2)
+        assert done == []  # still waiting
         gc_lock.release()
         t.join(30)
         assert waited == [1] and len(done) == 1
