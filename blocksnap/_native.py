@@ -18,7 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "(needs libxxhash-dev and a C compiler)."
     ) from exc
 
-ABI_VERSION = 8
+ABI_VERSION = 9
 ID_LEN = lib.BS_ID_LEN
 ZERO_ID = bytes(ID_LEN)
 
@@ -28,6 +28,8 @@ CHUNK_DATA = lib.BS_CHUNK_DATA
 CHUNK_CHANGED = lib.BS_CHUNK_CHANGED
 CODEC_RAW = lib.BS_CODEC_RAW
 CODEC_ZSTD = lib.BS_CODEC_ZSTD
+KIND_CHUNK = lib.BS_KIND_CHUNK
+KIND_SEGMENT = lib.BS_KIND_SEGMENT
 
 if lib.bs_abi_version() != ABI_VERSION:  # pragma: no cover
     raise errors.StaleBuild(found=lib.bs_abi_version(), expected=ABI_VERSION)
@@ -56,6 +58,46 @@ def hash128(data):
     out = ffi.new("uint8_t[16]")
     lib.bs_hash128(ffi.from_buffer(data), len(data), out)
     return bytes(ffi.buffer(out, ID_LEN))
+
+
+def hash64(data):
+    """XXH3-64 of ``data`` as 8 canonical (big-endian) bytes: the checksum of catalog values and trailers."""
+    out = ffi.new("uint8_t[8]")
+    lib.bs_hash64(ffi.from_buffer(data), len(data), out)
+    return bytes(ffi.buffer(out, 8))
+
+
+class IdFilter:
+    """Which of a set of candidate ids occur in lists of ids (bs_ids_filter): the mark of a mark-and-sweep.
+
+    ``IdFilter(ids)`` takes any iterable of 16-byte ids; ``feed(ids_bytes)`` marks the candidates that
+    occur in a list of ids (16 bytes each); ``found()`` / ``missing()`` are the marked and unmarked ones.
+    """
+
+    def __init__(self, candidates):
+        self.ids = sorted(set(bytes(c) for c in candidates))
+        self._cands = b"".join(self.ids)
+        self._found = bytearray(len(self.ids))
+        self._cbuf = ffi.from_buffer(self._cands)
+        self._fbuf = ffi.from_buffer(self._found, require_writable=True)
+
+    def feed(self, ids):
+        if not self.ids or not ids:
+            return
+        rc = lib.bs_ids_filter(self._cbuf, len(self.ids), ffi.from_buffer(ids), len(ids) // ID_LEN, self._fbuf)
+        _check(rc, 0)
+
+    def found(self):
+        return [c for c, f in zip(self.ids, self._found) if f]
+
+    def any_found(self):
+        return any(self._found)
+
+    def clear(self):
+        self._found[:] = bytes(len(self._found))
+
+    def missing(self):
+        return [c for c, f in zip(self.ids, self._found) if not f]
 
 
 def nonzero_ids(ids):
@@ -224,13 +266,13 @@ class PackStager:
         _check(lib.bs_packw_begin(self._ptr, fd, header, len(header), self._err), self._err[0])
 
     def add(self, base, recs):
-        """Append records; ``recs`` are ``(chunk_id, src_off, stored_len, raw_len, codec)`` with the
+        """Append records; ``recs`` are ``(id, src_off, stored_len, raw_len, codec, kind)`` with the
         stored bytes at ``base[src_off:src_off + stored_len]``. Returns each record's pack offset."""
         n = len(recs)
         if n == 0:
             return []
         arr = ffi.new("bs_pack_rec[]", n)
-        for k, (cid, src_off, stored_len, raw_len, codec) in enumerate(recs):
+        for k, (cid, src_off, stored_len, raw_len, codec, kind) in enumerate(recs):
             if src_off + stored_len > len(base):
                 raise ValueError("record bytes lie outside the buffer")
             r = arr[k]
@@ -238,10 +280,15 @@ class PackStager:
             r.stored_len = stored_len
             r.raw_len = raw_len
             r.codec = codec
+            r.kind = kind
             r.id = cid
         offsets = ffi.new("uint64_t[]", n)
         _check(lib.bs_packw_add(self._ptr, ffi.from_buffer(base), arr, n, offsets, self._err), self._err[0])
         return list(offsets)
+
+    def append(self, data):
+        """Append raw bytes (a pack's trailer) after the records."""
+        _check(lib.bs_packw_append(self._ptr, ffi.from_buffer(data), len(data), self._err), self._err[0])
 
     @property
     def offset(self):
@@ -280,7 +327,7 @@ class Restorer:
         """Read, check, decode, verify and write a batch of chunks in one C call.
 
         Args:
-            items: ``(pack_fd, record_offset, stored_len, raw_len, codec, chunk_id, out_offset)`` tuples.
+            items: ``(pack_fd, record_offset, stored_len, raw_len, codec, kind, id, out_offset)`` tuples.
             out_fd: where the chunks go; -1 only checks them (verify).
             sparse_block: leave all-zero blocks of this size unwritten (0: write everything).
         Raises:
@@ -290,13 +337,14 @@ class Restorer:
         if n == 0:
             return
         arr = ffi.new("bs_restore_item[]", n)
-        for k, (fd, off, stored, raw, codec, cid, out_off) in enumerate(items):
+        for k, (fd, off, stored, raw, codec, kind, cid, out_off) in enumerate(items):
             it = arr[k]
             it.pack_fd = fd
             it.pack_offset = off
             it.stored_len = stored
             it.raw_len = raw
             it.codec = codec
+            it.kind = kind
             it.id = cid
             it.out_offset = out_off
         rc = lib.bs_restore_chunks(self._codec._ptr, arr, n, out_fd, sparse_block, self._scratch,

@@ -137,7 +137,7 @@ def validate_tags(tags):
 
 def _public(rec, exclusive=None):
     """A snapshot record as DescribeSnapshots shows it."""
-    out = {k: v for k, v in rec.items() if k not in ("Seq", "Pid", "ClientToken")}
+    out = {k: v for k, v in rec.items() if k not in ("Seq", "Pid", "ClientToken", "ParamsHash")}
     out.setdefault("SnapshotName", "")
     out.setdefault("Description", "")
     out.setdefault("Category", "Standard")  # CreateSnapshot's default when none was given
@@ -158,9 +158,12 @@ class Client:
         RepositoryNotFound (an explicit path that is no repository), RepositoryVersionUnsupported.
     """
 
-    def __init__(self, repo=None):
+    def __init__(self, repo=None, maintenance=False):
         path = repo or default_repo_path()
         self.repo = None
+        if maintenance:  # repair and upgrade: no usable catalog needed
+            self.repo = Repository.open(path, need_catalog=False)
+            return
         # Only the per-user default is made on first use: an explicit path or $BLOCKSNAP_REPO that
         # is no repository (a typo, an unmounted disk) must say so, not start an empty one.
         per_user_default = repo is None and not os.environ.get("BLOCKSNAP_REPO")
@@ -264,14 +267,16 @@ class Client:
         """What a request with a recorded ClientToken gets: the accomplished snapshot's reply, or
         IdempotentParameterMismatch / IdempotentProcessing raised; None if the token is not recorded
         or its snapshot failed (a retry with the same token tries again)."""
-        cat = self.repo.catalog
-        with cat.read() as txn:
-            prev = cat.get_json(txn, "tokens", token)
+        with self.repo.catalog.read() as txn:
+            prev = txn.token(token)
         if prev is None:
             return None
-        if prev["ParamsHash"] != params_hash:
+        if prev.params_hash != params_hash:
             raise errors.IdempotentParameterMismatch()
-        rec = self.repo.get_snapshot(prev["SnapshotId"])
+        try:
+            rec = self.repo.get_snapshot(prev.snapshot_id)
+        except errors.InvalidSnapshotIdNotFound:
+            return None
         if rec["Status"] == "progressing":
             raise errors.IdempotentProcessing()
         if rec["Status"] == ACCOMPLISHED:
@@ -279,9 +284,8 @@ class Client:
         return None
 
     def _token_recorded(self, token):
-        cat = self.repo.catalog
-        with cat.read() as txn:
-            return cat.get_json(txn, "tokens", token) is not None
+        with self.repo.catalog.read() as txn:
+            return txn.token(token) is not None
 
     def describe_snapshots(self, disk_id=None, snapshot_ids=None, status=None, sizes=True):
         """DescribeSnapshots: every snapshot (or one disk's, or the listed ids), oldest first.
@@ -315,10 +319,9 @@ class Client:
         if status is not None:
             recs = [r for r in recs if r["Status"] == status]
         out = []
-        cat = self.repo.catalog
-        with cat.read() as txn:
+        with self.repo.catalog.read() as txn:
             for rec in recs:
-                excl = self.repo.exclusive_bytes(rec["SnapshotId"], txn) if sizes else None
+                excl = self.repo.exclusive_bytes(txn, rec) if sizes else None
                 out.append(_public(rec, excl))
         return {"Snapshots": {"Snapshot": out}, "TotalCount": len(out), "PageNumber": 1,
                 "PageSize": len(out), "RequestId": request_id()}
@@ -336,31 +339,70 @@ class Client:
         return dict(out, RequestId=request_id())
 
     def verify(self, snapshot_id=None, progress=None, on_wait=None):
-        """Re-read and check stored chunks. ``Ok`` is false on any damage."""
-        if snapshot_id is not None:
-            self.repo.get_snapshot(snapshot_id)
-        from . import restore as restoring
+        """Re-read and check everything stored (see :func:`blocksnap.verify.verify`). ``Ok`` is false on any
+        damage or inconsistency."""
+        from . import verify as verifying
 
-        out = restoring.verify(self.repo, snapshot_id, progress, on_wait)
+        if self.repo.catalog is None:  # a Client opened for maintenance: the catalog is unusable
+            problem = getattr(self, "catalog_problem", None) or "the catalog is not open"
+            out = verifying.without_catalog(self.repo, str(problem), snapshot_id)
+        else:
+            if snapshot_id is not None:
+                self.repo.get_snapshot(snapshot_id)
+            out = verifying.verify(self.repo, snapshot_id, progress, on_wait)
         out["Ok"] = not out["Damaged"] and not out["Problems"]
         return dict(out, RequestId=request_id())
 
-    def gc(self, dry_run=False, on_wait=None):
-        """Expire snapshots past RetentionDays and reclaim unreferenced data.
+    def gc(self, dry_run=False, on_wait=None, max_unused=None, on_readers=None, now=None):
+        """Expire snapshots past RetentionDays, remove old failed records, reclaim unreferenced data.
 
-        ``on_wait`` is called if gc must first wait for running creates, restores or verifies.
+        Args:
+            max_unused: also repack packs whose unused share is above this fraction (0 to 1): their live
+                records are copied into new packs and the old packs removed whole.
+            on_wait: called if gc must first wait for running creates.
+            on_readers: called if restores or verifies that started before gc hold data it removes.
+            now: the time gc takes as now (seconds since the epoch), for retention; default the clock.
         """
         from .store import gc
 
-        p = gc.dry_run(self.repo, on_wait) if dry_run else gc.execute(self.repo, on_wait)
+        if max_unused is not None and (isinstance(max_unused, bool) or not isinstance(max_unused, (int, float))
+                                       or not 0 <= max_unused <= 1):
+            raise errors.InvalidParameter(f"(max_unused must be a fraction from 0 to 1, got {_shown(max_unused)})")
+        if dry_run:
+            p = gc.dry_run(self.repo, on_wait, now=now, max_unused=max_unused)
+        else:
+            p = gc.execute(self.repo, on_wait, on_readers, now=now, max_unused=max_unused)
         return {
             "DryRun": dry_run,
             "ExpiredSnapshots": p["ExpiredSnapshots"],
+            "FailedRecords": p["FailedRecords"],
             "DeadChunks": len(p["DeadChunks"]),
+            "DeadSegments": len(p["DeadSegments"]),
             "DeadBytes": p["DeadBytes"],
+            "UnnamedRecords": len(p["UnnamedRecords"]),
+            "UnnamedBytes": p["UnnamedBytes"],
             "OrphanPacks": len(p["OrphanPacks"]),
             "OrphanBytes": p["OrphanBytes"],
+            "RepackPacks": len(p["RepackPacks"]),
+            "RepackBytes": p["RepackBytes"],
             "PendingReclaim": p["PendingReclaim"],
+            "EmptyDirsRemoved": p.get("EmptyDirsRemoved", 0),
+            "Problems": p.get("Problems", []),
             "FreedBytes": p.get("FreedBytes", 0),
             "RequestId": request_id(),
         }
+
+    def repair(self, progress=None, on_wait=None):
+        """Rebuild the catalog from the store (see :func:`blocksnap.store.rebuild.repair`); needs a Client
+        made with ``maintenance=True`` when the catalog is missing or unreadable."""
+        from .store import rebuild
+
+        if self.repo.version < 2:
+            raise errors.UpgradeRequired(found=self.repo.version, current=2)
+        return dict(rebuild.repair(self.repo, progress, on_wait), RequestId=request_id())
+
+    def upgrade(self, on_wait=None):
+        """Bring the repository to the current format version (see :mod:`blocksnap.store.upgrade`)."""
+        from .store import upgrade
+
+        return dict(upgrade.upgrade(self.repo, on_wait), RequestId=request_id())

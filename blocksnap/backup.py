@@ -1,18 +1,23 @@
-"""Creating a snapshot: scan, deduplicate, store, commit.
+"""Creating a snapshot: scan, deduplicate, store, commit (docs/FORMAT.md, "Write ordering").
 
-Pipeline (docs/FORMAT.md, "Write ordering"):
+Pipeline:
   1. one write transaction registers the snapshot as ``progressing``;
   2. two scanner threads run the C core over 4 MiB windows of the image
-     (read, holes, zero detection, XXH3-128, comparison with the parent map,
-     zstd of the changed chunks in place) with the GIL released, while the
-     calling thread picks the chunks the repository lacks and a writer
-     thread appends them to a pack;
-  3. each full pack is fsynced, then indexed (refcount 0) in one transaction;
-  4. if the image is unchanged since it was opened, one transaction stores
-     the map segments, takes the references and marks the snapshot
-     ``accomplished``. Any failure marks it ``failed``.
-A crash anywhere leaves committed snapshots intact; what the dead create
-wrote is unreferenced and gc (or the next failed-create cleanup) reclaims it.
+     (read, holes, zero detection, XXH3-128, comparison with the parent's
+     ids, zstd of the changed chunks in place) with the GIL released, while
+     the calling thread picks the chunks the repository lacks and hands them
+     to the pack writer, and cuts the map into segments as they fill: a new
+     segment goes into the pack stream too;
+  3. each full pack is fsynced, then one short transaction indexes its
+     chunks (refcount 0) and its segments (refcount 0, taking their chunks'
+     references): the reference work of a big image is spread over the scan;
+  4. if the image is unchanged since it was opened, the snapshot's object
+     (record and segment ids) is written to the store, and one transaction
+     counts the map's segments and marks the snapshot ``accomplished``.
+Memory does not grow with the image: the map is kept as segment ids only
+(16 bytes per 256 chunks), the parent's segments are read as the scan
+reaches them. A crash anywhere leaves committed snapshots intact; what the
+dead create wrote is unreferenced and gc reclaims it.
 """
 import errno
 import os
@@ -20,29 +25,24 @@ import queue
 import threading
 import time
 
-import lmdb
-
 from . import _native, errors
 from .image.raw import RawImage
-from .repository import (
-    ACCOMPLISHED,
-    FAILED,
-    PROGRESSING,
-    crashpoint,
-    map_lmdb_error,
-    mark_failed,
-    new_id,
-    now_iso,
-    split_segments,
-)
-from .store import chunks as chunkstore
-from .store import meta
+from .repository import ACCOMPLISHED, FAILED, PROGRESSING, crashpoint, mark_failed, new_id, now_iso
+from .store import objects, refs
+from .store import packs as packstore
+from .store.catalog import PackEntry, TokenEntry, ZERO_ID
+from .store.config import SEGMENT_CHUNKS
 
 WINDOW_BYTES = 4 << 20
 BUFFERS = 8  # windows in flight: bounds memory at BUFFERS * WINDOW_BYTES
 SCANNERS = 2
 _FRESH = object()  # in the free-buffer queue: a buffer not made yet
 PROGRESS_INTERVAL = 0.5  # seconds between Progress updates other processes can see
+SEGMENT_BYTES = SEGMENT_CHUNKS * 16
+PENDING_SEGMENT_BYTES = 8 << 20  # seal a pack early once this many bytes of new segments wait in it
+PARENT_CACHE = 8  # parent segments kept while the scanners pass them
+CREATE_FIELDS = ("Status", "Progress", "LastModifiedTime", "LogicalBytes", "ChangedBytes", "ChangedChunks",
+                 "AddedBytes", "AddedChunks")
 
 
 class _Stats:
@@ -55,21 +55,12 @@ class _Stats:
         self.scanned = 0
 
 
-def find_parent(repo, txn, disk_id):
+def find_parent(txn, disk_id):
     """The newest accomplished snapshot record of a disk, or None."""
-    cat = repo.catalog
-    prefix = disk_id.encode()
-    with txn.cursor(db=cat.db["disk_snaps"]) as cur:
-        if not cur.set_range(prefix + b"\xff" * 8):
-            cur.last()
-        else:
-            cur.prev()
-        while cur.key() and cur.key().startswith(prefix):
-            rec = cat.get_json(txn, "snapshots", cur.value())
-            if rec and rec["Status"] == ACCOMPLISHED:
-                return rec
-            if not cur.prev():
-                break
+    for sid in txn.disk_snapshot_ids(disk_id, reverse=True):
+        rec = txn.snapshot(sid)
+        if rec is not None and rec["Status"] == ACCOMPLISHED and not rec.get("Deleting"):
+            return rec
     return None
 
 
@@ -85,8 +76,9 @@ def create_snapshot(repo, disk_id, fields, client_token=None, params_hash=None, 
         on_wait: called once, with no arguments, if a running gc makes the create wait.
     Raises:
         IncorrectDiskStatusCreatingSnapshot, InvalidDiskIdNotFound, ImageNotFound,
-        ImageUnreadable, ImageChanged, NoSpace, CreateSnapshotFailed.
+        ImageUnreadable, ImageChanged, NoSpace, CreateSnapshotFailed, RepositoryReadOnly.
     """
+    repo.require_writable()
     disk_lock = repo.disk_lock(disk_id)
     repo.get_disk(disk_id)
     repo_lock = repo.lock_shared(on_wait)  # waits while gc runs or waits to run
@@ -95,9 +87,73 @@ def create_snapshot(repo, disk_id, fields, client_token=None, params_hash=None, 
             raise errors.IncorrectDiskStatusCreatingSnapshot(f"({disk_id})")
         job = _Create(repo, disk_id, fields, client_token, params_hash, progress)
         return job.run(repo_lock)
+    except OSError as exc:
+        raise errors.translate(exc, "locks", op="create") from exc
+    except errors.BlocksnapError as exc:
+        typed = errors.translate(exc, op="create")  # a full disk is CreateSnapshot.NoSpace here
+        if typed is exc:
+            raise
+        raise typed from exc
     finally:
         disk_lock.release()
         repo_lock.release()
+
+
+class _MapBuilder:
+    """The new snapshot's map, one segment at a time: fills segments as windows are scanned or skipped,
+    and hands each one over when all its chunks are known. Holds only the segments being filled and the
+    finished segment ids. Thread-safe."""
+
+    def __init__(self, n_chunks):
+        self.n_chunks = n_chunks
+        self.n_segs = -(-n_chunks // SEGMENT_CHUNKS)
+        self.seg_ids = bytearray(16 * self.n_segs)
+        self._open = {}  # segment index -> [bytearray of its ids, chunks known]
+        self._done = []  # (index, segment id, ids) finished and not yet taken
+        self._lock = threading.Lock()
+
+    def _seg_len(self, s):
+        return min(SEGMENT_CHUNKS, self.n_chunks - s * SEGMENT_CHUNKS)
+
+    def put(self, first, ids):
+        """Chunks ``first ..`` have ids ``ids`` (16 bytes each); ``ids`` None: they are holes (zero)."""
+        count = (len(ids) // 16) if ids is not None else None
+        return self._fill(first, count, ids)
+
+    def skip(self, first, count):
+        self._fill(first, count, None)
+
+    def _fill(self, first, count, ids):
+        with self._lock:
+            k = first
+            end = first + count
+            while k < end:
+                s = k // SEGMENT_CHUNKS
+                lo = k - s * SEGMENT_CHUNKS
+                n = min(end - k, self._seg_len(s) - lo)
+                ent = self._open.get(s)
+                if ent is None:
+                    ent = self._open[s] = [bytearray(16 * self._seg_len(s)), 0]
+                if ids is not None:
+                    ent[0][16 * lo:16 * (lo + n)] = ids[16 * (k - first):16 * (k - first + n)]
+                ent[1] += n
+                if ent[1] == self._seg_len(s):
+                    del self._open[s]
+                    seg = bytes(ent[0])
+                    seg_id = _native.hash128(seg) if any(seg) else ZERO_ID
+                    self.seg_ids[16 * s:16 * s + 16] = seg_id
+                    self._done.append((s, seg_id, seg))
+                k += n
+
+    def take(self):
+        """The segments finished since the last call."""
+        with self._lock:
+            out, self._done = self._done, []
+        return out
+
+    def complete(self):
+        with self._lock:
+            return not self._open and not self._done
 
 
 class _Create:
@@ -112,30 +168,31 @@ class _Create:
         self.cs = repo.chunk_size
         self.stats = _Stats()
         self.writer = None  # made when data is about to flow: it owns an I/O thread and 8 MiB of buffers
-        self.pending = set()  # ids in the unsealed pack
-        self.indexed = []  # ids this create indexed (refcount 0 until commit)
-        self.sealed = set()  # packs this create indexed
+        self.pending = set()  # chunk ids in the pack being written
+        self.pending_segs = {}  # segment id -> ids, stored in a pack not yet indexed
+        self.pending_seg_bytes = 0
+        self.sealed = []  # packs this create indexed
         self.rec = None
         self.skipped = 0  # bytes of whole-window holes never handed to the C core
         self._last_progress = 0.0
+        self.parent_segs = b""
+        self._parent_cache = {}
+        self._parent_lock = threading.Lock()
 
     # --- the phases ----------------------------------------------------------------------------------
     def run(self, repo_lock):
         disk = self.repo.get_disk(self.disk_id)
         with RawImage(disk["Path"]) as img:
-            try:
-                self.rec, parent = self._register(img)
-            except lmdb.Error as exc:
-                raise map_lmdb_error(exc) from exc
+            self.rec = self._register(img)
             if self.rec.get("_existing"):
                 del self.rec["_existing"]
                 return self.rec
             try:
-                new_map = self._scan_and_store(img, parent)
+                seg_ids = self._scan_and_store(img)
                 if not img.unchanged():
                     raise errors.ImageChanged(f"({disk['Path']})")
                 crashpoint("before-commit")
-                self._commit(new_map, img)
+                self._commit(seg_ids, img)
                 crashpoint("after-commit")
             except BaseException as exc:
                 typed = self._typed(exc, disk["Path"])
@@ -146,27 +203,25 @@ class _Create:
         return self.rec
 
     def _register(self, img):
-        cat = self.cat
-        with cat.write() as txn:
+        with self.cat.write() as txn:
             if self.client_token:
-                prev = cat.get_json(txn, "tokens", self.client_token)
+                prev = txn.token(self.client_token)
                 if prev is not None:
-                    if prev["ParamsHash"] != self.params_hash:
+                    if prev.params_hash != self.params_hash:
                         raise errors.IdempotentParameterMismatch()
-                    rec = cat.get_json(txn, "snapshots", prev["SnapshotId"])
+                    rec = txn.snapshot(prev.snapshot_id)
+                    if rec is not None and rec.get("Deleting"):
+                        rec = None
+                    if rec is not None and rec["Status"] != FAILED:
+                        rec = self.repo.view(rec)
                     if rec is not None and rec["Status"] != FAILED:
                         rec["_existing"] = True
-                        return rec, None
+                        return rec
                     # a failed first attempt: this retry takes the token over
             # Holding the disk lock, any progressing record of this disk is a dead create's.
-            for old in list(self.repo.disk_snapshots(txn, self.disk_id)):
-                if old["Status"] == PROGRESSING:
-                    mark_failed(old, errors.CreateSnapshotFailed(
-                        f"(the creating process, pid {old.get('Pid')}, ended before it finished)"))
-                    cat.put_json(txn, "snapshots", old["SnapshotId"], old)
-            prefix = self.disk_id.encode()
-            parent = find_parent(self.repo, txn, self.disk_id)
-            seq = cat.next_seq(txn)
+            self.repo.settle_dead(txn, self.disk_id)
+            parent = find_parent(txn, self.disk_id)
+            seq = txn.next_seq()
             sid = new_id("s-")
             now = time.time()
             rec = dict(self.fields)
@@ -181,15 +236,51 @@ class _Create:
                 rec["ExpiredTime"] = now_iso(now + rec["RetentionDays"] * 86400)
             if self.client_token:
                 rec["ClientToken"] = self.client_token
-                cat.put_json(txn, "tokens", self.client_token,
-                             {"ParamsHash": self.params_hash, "SnapshotId": sid})
-            cat.put_json(txn, "snapshots", sid, rec)
-            txn.put(prefix + meta.U64.pack(seq), sid.encode(), db=cat.db["disk_snaps"])
-            parent_map = self.repo.snapshot_map(parent["SnapshotId"], txn) if parent else b""
-        return rec, parent_map
+                rec["ParamsHash"] = self.params_hash
+                txn.put_token(self.client_token, TokenEntry(self.params_hash, sid))
+            txn.put_snapshot(rec)
+            txn.put_disk_snap(self.disk_id, seq, sid)
+            if parent is not None and parent["ChunkSize"] == self.cs:
+                self.parent_segs = bytes(refs.map_of(txn, parent))
+        return rec
 
-    def _scan_and_store(self, img, parent_map):
-        """Run the pipeline over the whole image; returns the new chunk map.
+    # --- the parent's ids, a segment at a time ---------------------------------------------------------
+    def _parent_window(self, first, count):
+        """The parent's ids for chunks ``first .. first+count`` (shorter where the parent map ends)."""
+        if not self.parent_segs:
+            return b""
+        n_segs = len(self.parent_segs) // 16
+        s0, s1 = first // SEGMENT_CHUNKS, (first + count - 1) // SEGMENT_CHUNKS
+        parts = []
+        for s in range(s0, min(s1 + 1, n_segs)):
+            parts.append(self._parent_segment(s))
+            if len(parts[-1]) < SEGMENT_BYTES:
+                break  # the parent's last, short segment
+        blob = b"".join(parts)
+        off = 16 * (first - s0 * SEGMENT_CHUNKS)
+        return blob[off:off + 16 * count]
+
+    def _parent_segment(self, s):
+        sid = self.parent_segs[16 * s:16 * s + 16]
+        if sid == ZERO_ID:
+            return bytes(SEGMENT_BYTES)
+        with self._parent_lock:
+            ids = self._parent_cache.get(s)
+        if ids is None:
+            with self.cat.read() as txn:
+                seg = txn.segment(sid)
+            if seg is None:
+                raise errors.CatalogDamaged(f"(map segment {sid.hex()} of the parent snapshot is not in the index)")
+            ids = seg.ids
+            with self._parent_lock:
+                self._parent_cache[s] = ids
+                while len(self._parent_cache) > PARENT_CACHE:
+                    del self._parent_cache[min(self._parent_cache)]
+        return ids
+
+    # --- the pipeline ------------------------------------------------------------------------------------
+    def _scan_and_store(self, img):
+        """Run the pipeline over the whole image; returns the new map's segment ids.
 
         Threads: two scanners take windows in turn and run the C core on each
         (read, holes, zero check, XXH3-128, parent diff, then zstd of the
@@ -203,7 +294,7 @@ class _Create:
         cs = self.cs
         per_window = max(WINDOW_BYTES // cs, 1)
         window = per_window * cs
-        new_map = bytearray(16 * -(-img.size // cs))
+        self.map = _MapBuilder(-(-img.size // cs))
         self.writer = self.repo.packs.writer()
         windows = self._data_windows(img, window)
         windows_lock = threading.Lock()
@@ -227,7 +318,7 @@ class _Create:
 
         def scan_windows():
             scanner = _native.Scanner(cs, per_window)
-            codec = _native.Codec(chunkstore.ZSTD_LEVEL, chunkstore.ZSTD_HASH_LOG)
+            codec = _native.Codec(packstore.ZSTD_LEVEL, packstore.ZSTD_HASH_LOG)
             while not stop.is_set():
                 with windows_lock:
                     nxt = next(windows, None)
@@ -240,12 +331,12 @@ class _Create:
                 if buf is _FRESH:
                     buf = bytearray(window)
                 k = off // cs
-                ids, flags, changed = scanner.scan(img.fd, off, length, buf,
-                                                   parent_map[16 * k:16 * (k + per_window)])
+                parent = self._parent_window(k, -(-length // cs))
+                ids, flags, changed = scanner.scan(img.fd, off, length, buf, parent)
                 if not img.unchanged():
                     raise errors.ImageChanged(f"({img.path} changed while it was read)")
                 # Compress the changed chunks here too, in place, still without the GIL.
-                encoded = codec.encode_chunks(buf, length, cs, changed, chunkstore.INCOMPRESSIBLE_MILLIBITS)
+                encoded = codec.encode_chunks(buf, length, cs, changed, packstore.INCOMPRESSIBLE_MILLIBITS)
                 ready.put((off, length, buf, (ids, flags, changed), encoded))
             ready.put(None)
 
@@ -265,11 +356,11 @@ class _Create:
                         ready.put(None)
                     continue
                 try:
-                    self.writer.wait(handed[4])
+                    self.writer.wait(handed.last_write)
                 except OSError:
                     pass  # the create is failing already
                 finally:
-                    os.close(handed[1])
+                    os.close(handed.fd)
 
         scanners = [threading.Thread(target=guarded(scan_windows), name=f"blocksnap-scan{i}", daemon=True)
                     for i in range(SCANNERS)]
@@ -284,19 +375,25 @@ class _Create:
                     finished += 1
                     continue
                 off, length, buf, (ids, flags, changed), encoded = item
-                k = off // cs
-                new_map[16 * k:16 * k + len(ids)] = ids
                 picked = self._pick_new_chunks(length, ids, flags, changed, encoded)
                 # The C core copies the records into its staging buffers (GIL released) and its I/O
                 # thread writes them; the window's buffer is free again as soon as this returns.
-                if picked and self.writer.add_many(buf, picked):
-                    to_seal.put(self.writer.detach())
+                full = False
+                if picked:
+                    full = self.writer.add_many(buf, picked)[1]
                 free.put(buf)
+                self.map.put(off // cs, ids)
+                full = self._store_segments() or full
+                if full:
+                    to_seal.put(self._detach())
                 self.stats.scanned += length
                 self._report(img.size)
                 crashpoint("mid-scan")
             if not stop.is_set():
-                handed = self.writer.detach()
+                self._store_segments()
+                if not self.map.complete():
+                    raise errors.InternalError("(the map of the new snapshot has chunks no window covered)")
+                handed = self._detach()
                 if handed is not None:
                     to_seal.put(handed)
         except BaseException:
@@ -314,7 +411,28 @@ class _Create:
                 t.join()
         if failures:
             raise failures[0]
-        return bytes(new_map)
+        return bytes(self.map.seg_ids)
+
+    def _detach(self):
+        handed = self.writer.detach()
+        self.pending_seg_bytes = 0
+        return handed
+
+    def _store_segments(self):
+        """Put the map's finished segments that the repository lacks into the pack stream. Returns True
+        when the pack should be sealed (full, or holding many new segments)."""
+        done = self.map.take()
+        if not done:
+            return False
+        full = False
+        with self.cat.read() as txn:
+            for _, seg_id, seg in done:
+                if seg_id == ZERO_ID or seg_id in self.pending_segs or txn.has_segment(seg_id):
+                    continue
+                self.pending_segs[seg_id] = seg
+                self.pending_seg_bytes += len(seg)
+                full = self.writer.add_segment(seg_id, seg)[1] or full
+        return full or self.pending_seg_bytes >= PENDING_SEGMENT_BYTES
 
     def _data_windows(self, img, window):
         """Windows ``(offset, length)`` that hold data; whole windows inside holes are skipped here.
@@ -332,18 +450,26 @@ class _Create:
                     data = hole = size
                 else:  # no SEEK_DATA here (a block device): everything is data
                     data, hole = off, size
+            if data >= size:
+                self._skip(off, size)
+                return
             start = max(off, data // window * window)
             end = min(size, -(-min(hole, size) // window) * window)
-            self.skipped += start - off  # only this generator writes it
+            self._skip(off, start)
             for w in range(start, end, window):
                 yield w, min(window, size - w)
-            off = max(end, start + window) if end <= start else end
+            off = end
+
+    def _skip(self, start, end):
+        if end > start:
+            self.skipped += end - start  # only this generator writes it
+            self.map.skip(start // self.cs, -(-end // self.cs) - start // self.cs)
 
     def _pick_new_chunks(self, length, ids, flags, changed, encoded):
         """Count a scanned window; returns the records of its chunks the repository lacks.
 
         Returns:
-            ``[(chunk_id, offset_in_window, stored_len, raw_len, codec)]`` for ``PackWriter.add_many``.
+            ``[(chunk_id, offset_in_window, stored_len, raw_len, codec, kind)]`` for ``PackWriter.add_many``.
         """
         cs = self.cs
         st = self.stats
@@ -361,71 +487,92 @@ class _Create:
                 clen = min(cs, length - i * cs)
                 st.changed += clen
                 st.changed_chunks += 1
-                if cid in self.pending or self.cat.get_chunk(txn, cid) is not None:
+                if cid in self.pending or txn.has_chunk(cid):
                     continue
                 self.pending.add(cid)
-                picked.append((cid, i * cs, stored_len, clen, codec))
+                picked.append((cid, i * cs, stored_len, clen, codec, packstore.KIND_CHUNK))
         return picked
 
     def _index_pack(self, handed):
-        """Make a finished pack durable, then index its chunks at refcount 0 (one transaction)."""
-        pack_id, fd, size, records, last_write = handed
+        """Make a finished pack durable, then index its chunks and segments at refcount 0 (one transaction)."""
+        pack_id = handed.pack_id
         try:
-            self.writer.wait(last_write)
+            self.writer.wait(handed.last_write)
         except BaseException:
-            os.close(fd)
+            os.close(handed.fd)
             raise
-        self.repo.packs.make_durable(pack_id, fd)
+        self.repo.backend.sync_pack(pack_id, handed.fd)
         crashpoint("after-pack-fsync")
         dups = []
+        live = 0
         with self.cat.write() as txn:
-            live = 0
-            for cid, offset, stored, raw, codec in records:
-                if self.cat.put_chunk(txn, cid, (pack_id, offset, stored, raw, codec, 0), overwrite=False):
+            for r in handed.records:
+                if r.kind == packstore.KIND_CHUNK:
+                    if txn.put_chunk(r.id, (pack_id, r.offset, r.stored_len, r.raw_len, r.codec, 0), overwrite=False):
+                        live += 1
+                        self.stats.added += r.stored_len
+                        self.stats.added_chunks += 1
+                        continue
+                elif r.id in self.pending_segs and refs.index_segment(txn, r.id, self.pending_segs[r.id], pack_id,
+                                                                       r.offset):
                     live += 1
-                    self.indexed.append(cid)
-                    self.stats.added += stored
-                    self.stats.added_chunks += 1
-                else:
-                    dups.append((offset, stored))  # another process stored it first
+                    continue
+                dups.append(r)  # another process stored it first
             if live:
-                self.cat.put_pack(txn, pack_id, live, size)
+                txn.put_pack(pack_id, PackEntry(handed.size, len(handed.records)))
                 # The records another process stored first go on the redo log in this transaction, so
-                # a crash before the punching below leaves them to gc instead of leaking them.
-                dup_keys = [pack_id + meta.U64.pack(off) for off, _ in dups]
-                for key, (_, stored) in zip(dup_keys, dups):
-                    txn.put(key, meta.U64.pack(stored + chunkstore.RECORD.size), db=self.cat.db["reclaim"])
-        self.sealed.add(pack_id)
-        for cid, *_ in records:
-            self.pending.discard(cid)
+                # a crash before the punching below leaves them to gc instead of leaking them. Nothing
+                # ever named them, so no reader can be reading them (epoch 0).
+                for r in dups:
+                    txn.put_reclaim(pack_id, r.offset, packstore.RECORD.size + r.stored_len, 0)
+        self.sealed.append(pack_id)
+        for r in handed.records:
+            self.pending.discard(r.id)
+            self.pending_segs.pop(r.id, None)
         if not live:
             # Every record was stored first by another process (a clone snapshotted at the same
             # time): the pack holds nothing the index names, so it goes. A crash before this leaves
             # it unnamed in the index, which gc removes as an orphan.
             self.repo.packs.remove(pack_id)
         elif dups:
-            for offset, stored in dups:
-                self.repo.packs.punch(pack_id, offset, stored + chunkstore.RECORD.size)
+            for r in dups:
+                self.repo.packs.punch(pack_id, r.offset, packstore.RECORD.size + r.stored_len)
             with self.cat.write() as txn:
-                for key in dup_keys:
-                    txn.delete(key, db=self.cat.db["reclaim"])
+                for r in dups:
+                    txn.delete_reclaim(pack_id, r.offset)
         crashpoint("after-pack-index")
 
-    def _commit(self, new_map, img):
+    def _commit(self, seg_ids, img):
+        """Store the snapshot's object, then count its map and mark it accomplished (one short transaction:
+        its segments are indexed already). Fields someone else changed in the record meanwhile are kept."""
         st = self.stats
-        with self.cat.write() as txn:
-            seg_blob = self.repo.add_map_refs(txn, split_segments(new_map))
-            txn.put(self.rec["SnapshotId"].encode(), seg_blob, db=self.cat.db["snapmaps"])
-            self.rec.update({
-                "Status": ACCOMPLISHED, "Progress": "100%", "LastModifiedTime": now_iso(),
-                "LogicalBytes": st.logical, "ChangedBytes": st.changed, "ChangedChunks": st.changed_chunks,
-                "AddedBytes": st.added, "AddedChunks": st.added_chunks,
-            })
-            self.rec.pop("Pid", None)
-            self.cat.put_json(txn, "snapshots", self.rec["SnapshotId"], self.rec)
-            disk = self.cat.get_json(txn, "disks", self.disk_id)
-            disk["Size"] = img.size
-            self.cat.put_json(txn, "disks", self.disk_id, disk)
+        sid = self.rec["SnapshotId"]
+        done = {"Status": ACCOMPLISHED, "Progress": "100%", "LogicalBytes": st.logical, "ChangedBytes": st.changed,
+                "ChangedChunks": st.changed_chunks, "AddedBytes": st.added, "AddedChunks": st.added_chunks}
+        for _ in range(100):
+            with self.cat.read() as txn:
+                base = txn.snapshot(sid)
+            if base is None:
+                raise errors.CreateSnapshotFailed("(the snapshot's record was removed while it was created)")
+            rec = {k: v for k, v in base.items() if k != "Pid"}
+            rec.update(done, LastModifiedTime=now_iso())
+            self.repo.backend.put_object("snapshots", sid, objects.encode_snapshot(rec, seg_ids))
+            crashpoint("after-object")
+            with self.cat.write() as txn:
+                now = txn.snapshot(sid)
+                if now is None or {k: v for k, v in now.items() if k != "Progress"} != \
+                        {k: v for k, v in base.items() if k != "Progress"}:
+                    continue  # edited between our read and this transaction: store the object again
+                refs.add_map_refs(txn, seg_ids)
+                txn.put_snapshot_map(sid, seg_ids)
+                txn.put_snapshot(rec)
+                disk = txn.disk(self.disk_id)
+                if disk is not None:
+                    disk["Size"] = img.size
+                    txn.put_disk(disk)
+            self.rec = rec
+            return
+        raise errors.CreateSnapshotFailed("(the snapshot's record kept changing while it was committed)")
 
     # --- progress and failure ------------------------------------------------------------------------
     def _report(self, total):
@@ -433,30 +580,27 @@ class _Create:
             self.progress(self.stats.scanned + self.skipped, total)
         now = time.monotonic()
         if now - self._last_progress >= PROGRESS_INTERVAL:
+            self._last_progress = now
+            size = self.rec["SourceDiskSize"] or 1
+            value = f"{min(99, (self.stats.scanned + self.skipped) * 100 // size)}%"
             with self.cat.write() as txn:
-                self._progress_record(txn)
-
-    def _progress_record(self, txn):
-        self._last_progress = time.monotonic()
-        size = self.rec["SourceDiskSize"] or 1
-        self.rec["Progress"] = f"{min(99, (self.stats.scanned + self.skipped) * 100 // size)}%"
-        cur = self.cat.get_json(txn, "snapshots", self.rec["SnapshotId"])
-        if cur is not None:
-            cur["Progress"] = self.rec["Progress"]
-            self.cat.put_json(txn, "snapshots", self.rec["SnapshotId"], cur)
+                cur = txn.snapshot(self.rec["SnapshotId"])
+                if cur is not None and cur["Status"] == PROGRESSING:
+                    cur["Progress"] = value
+                    txn.put_snapshot(cur)
 
     def _typed(self, exc, path):
         if isinstance(exc, errors.BlocksnapError):
-            return exc
+            return errors.translate(exc, op="create")
         if isinstance(exc, _native.ShortRead):
             return errors.ImageChanged(f"({path} shrank while it was read)")
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return errors.NoSpace()
-        if isinstance(exc, lmdb.Error):
-            return map_lmdb_error(exc)
         if isinstance(exc, OSError):
+            if exc.filename and str(exc.filename).startswith(self.repo.path):
+                return errors.translate(exc, "the repository", op="create")
             return errors.CreateSnapshotFailed(f"({exc.strerror}: {exc.filename or path})")
-        return exc  # KeyboardInterrupt and programming errors go up as they are
+        return exc  # KeyboardInterrupt, signals and programming errors go up as they are
 
     def _fail(self, exc, repo_lock):
         """Mark the snapshot failed and give back what it wrote, as far as that is safe now."""
@@ -467,21 +611,25 @@ class _Create:
                     self.repo.packs.remove(pack_id)  # never indexed: nobody else can know it
         try:
             with self.cat.write() as txn:
-                rec = self.cat.get_json(txn, "snapshots", self.rec["SnapshotId"])
-                if rec is not None:
+                rec = txn.snapshot(self.rec["SnapshotId"])
+                if rec is not None and rec["Status"] == PROGRESSING:
                     mark_failed(rec, exc)
-                    self.cat.put_json(txn, "snapshots", rec["SnapshotId"], rec)
+                    txn.put_snapshot(rec)
                     self.rec = rec
-        except lmdb.Error:
+        except errors.BlocksnapError:
             pass  # the record stays progressing; readers see its lock gone and call it failed
-        if not self.indexed:
+        if not self.sealed:
             return
-        repo_lock.release()  # our own shared lock would block our exclusive one
-        excl = self.repo.repo_lock()
+        # What this create indexed is unreferenced now: its packs' trailers list it.
+        segs, chunks = [], []
+        for pack_id in self.sealed:
+            try:
+                for r in packstore.read_trailer(self.repo.backend, pack_id):
+                    (segs if r.kind == packstore.KIND_SEGMENT else chunks).append(r.id)
+            except (errors.BlocksnapError, OSError):
+                continue  # gc finds it
+        repo_lock.release()  # our own shared lock would block the exclusive one
         try:
-            if excl.acquire(exclusive=True, blocking=False):
-                self.repo.reclaim_dead(self.indexed)
-        except (OSError, lmdb.Error):
+            refs.reclaim(self.repo, dead_segments=segs, dead_chunks=chunks)
+        except (errors.BlocksnapError, OSError):
             pass  # gc reclaims it later
-        finally:
-            excl.release()

@@ -1,10 +1,17 @@
-"""The whole blocksnap exception tree.
+"""The whole blocksnap exception tree, and the one table that turns other failures into it.
 
 Every error carries, as class attributes, the API error code (the cloud
 API's own code where one exists, e.g. ``InvalidSnapshotName.Malformed``),
 the HTTP status that API would answer with, the CLI exit code and a message
 template. Codes are unique across the tree (tests/test_errors.py checks).
+
+:func:`translate` is the only place where an ``OSError``, an LMDB error or
+a C-core status becomes one of these classes (py-lmdb's ``_error_map`` is
+the model): ``ERRNO_TABLE``, ``LMDB_TABLE`` and ``_native``'s status table
+name the class and a remediation hint for each.
 """
+import errno as _errno
+import os as _os
 
 # CLI exit codes, by family. 1 is kept for "verify found damage".
 EXIT_DAMAGED = 1
@@ -244,14 +251,138 @@ class RepositoryDamaged(RepositoryError):
     message = "The repository is damaged."
 
 
+class CatalogDamaged(RepositoryDamaged):
+    code = "Repository.CatalogDamaged"
+    message = ("The repository's catalog is damaged; 'blocksnap verify' names what it affects and "
+               "'blocksnap repair' rebuilds it from the store.")
+
+
+class CatalogMissing(RepositoryDamaged):
+    code = "Repository.CatalogMissing"
+    message = "The repository's catalog is missing; 'blocksnap repair' rebuilds it from the store."
+
+
+class CatalogStale(RepositoryDamaged):
+    code = "Repository.CatalogStale"
+    message = ("The catalog is not an index of this repository (an interrupted repair or upgrade, or a "
+               "catalog copied from elsewhere); 'blocksnap repair' rebuilds it from the store.")
+
+
+class StoreDamaged(RepositoryDamaged):
+    code = "Repository.StoreDamaged"
+    message = "An object of the repository's store is damaged."
+
+
 class RepositoryFull(RepositoryError):
     code = "Repository.MapFull"
     message = "The repository catalog reached its map size; raise BLOCKSNAP_MAP_SIZE."
 
 
+class RepositoryReadOnly(RepositoryError):
+    code = "Repository.ReadOnly"
+    message = ("The repository cannot be written here (read-only media or no write permission): only list, "
+               "describe, restore and verify work.")
+
+
+class RepositoryNoSpace(RepositoryError):
+    code = "Repository.NoSpace"
+    message = "The repository's file system is full."
+
+
+class RepositoryIOError(RepositoryError):
+    code = "Repository.IOError"
+    message = "The repository's storage failed a read or a write."
+
+
+class UpgradeRequired(RepositoryError):
+    code = "Repository.UpgradeRequired"
+    message = ("The repository is in format version {found}; run 'blocksnap upgrade' to bring it to "
+               "version {current} (it keeps every snapshot and chunk).")
+
+
 class StaleBuild(BlocksnapError, ImportError):
     code = "Native.StaleBuild"
     message = "The C extension is stale (ABI {found}, expected {expected}): reinstall blocksnap (pip install .)."
+
+
+# --- the translation table ---------------------------------------------------------------------------
+# errno -> (class, hint); ``op``-specific classes where the API has a code of its own for the operation.
+ERRNO_TABLE = {
+    _errno.ENOSPC: (RepositoryNoSpace, "free space on the repository's file system"),
+    _errno.EDQUOT: (RepositoryNoSpace, "the disk quota is exhausted"),
+    _errno.EROFS: (RepositoryReadOnly, None),
+    _errno.EACCES: (RepositoryError, "permission denied"),
+    _errno.EPERM: (RepositoryError, "operation not permitted (an immutable file?)"),
+    _errno.EIO: (RepositoryIOError, "the device reported an I/O error"),
+    _errno.EMFILE: (RepositoryError, "the process is out of file descriptors"),
+    _errno.ENFILE: (RepositoryError, "the system is out of file descriptors"),
+    _errno.ENOMEM: (RepositoryError, "out of memory"),
+}
+OP_CLASSES = {("create", RepositoryNoSpace): NoSpace}
+# py-lmdb exception class name -> (class, hint)
+LMDB_TABLE = {
+    "MapFullError": (RepositoryFull, "raise BLOCKSNAP_MAP_SIZE"),
+    "CorruptedError": (CatalogDamaged, None),
+    "PageNotFoundError": (CatalogDamaged, None),
+    "InvalidError": (CatalogDamaged, "data.mdb is not an LMDB file"),
+    "VersionMismatchError": (CatalogDamaged, "data.mdb was written by another LMDB version"),
+    "IncompatibleError": (CatalogDamaged, None),
+    "BadValsizeError": (InternalError, None),
+    "ReadonlyError": (RepositoryReadOnly, None),
+    "ReadersFullError": (RepositoryError, "too many processes read the catalog at once"),
+    "DiskError": (RepositoryIOError, None),
+    "MemoryError": (RepositoryError, "out of memory"),
+}
+# py-lmdb reports system errors as plain lmdb.Error with strerror's text: find the errno back.
+_STRERROR = {_os.strerror(e): e for e in sorted(_errno.errorcode, reverse=True)}
+
+
+def _lmdb_errno(exc):
+    text = str(exc)
+    return _STRERROR.get(text.rsplit(": ", 1)[-1].strip())
+
+
+def _nearly_full(path):
+    """True if the file system of ``path`` has (almost) no room left: LMDB turns a short write into EIO."""
+    try:
+        st = _os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20) or st.f_bavail < max(16, st.f_blocks // 1000)
+
+
+def translate(exc, context="", op=None, path=None):
+    """The BlocksnapError for ``exc`` (an OSError, an lmdb.Error, or a BlocksnapError, returned as it is).
+
+    Args:
+        context: what was being done, for the message ("catalog commit", "pack 3fa9...").
+        op: the API operation ("create", ...), where the API has a code of its own (CreateSnapshot.NoSpace).
+        path: a path on the file system involved, to tell a full disk from an I/O error.
+    """
+    if isinstance(exc, BlocksnapError):
+        if op is not None and (op, type(exc)) in OP_CLASSES:
+            return OP_CLASSES[(op, type(exc))](exc.detail)
+        return exc
+    where = f"{context}: " if context else ""
+    if isinstance(exc, OSError):
+        err = exc.errno
+        cls, hint = ERRNO_TABLE.get(err, (RepositoryError, None))
+        text = exc.strerror or str(exc)
+        if exc.filename:
+            text = f"{text}: {exc.filename}"
+    else:
+        # A system error LMDB passed on (its text is strerror's) decides; else the LMDB error's class.
+        err = _lmdb_errno(exc)
+        text = str(exc)
+        if err == _errno.EIO and path is not None and _nearly_full(path):
+            err = _errno.ENOSPC  # LMDB reports a write the full disk cut short as EIO
+        if err in ERRNO_TABLE:
+            cls, hint = ERRNO_TABLE[err]
+        else:
+            cls, hint = LMDB_TABLE.get(type(exc).__name__, (RepositoryError, None))
+    cls = OP_CLASSES.get((op, cls), cls)
+    detail = f"({where}{text}{'; ' + hint if hint else ''})"
+    return cls(detail)
 
 
 def all_error_classes():

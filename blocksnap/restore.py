@@ -1,15 +1,15 @@
-"""Restoring and verifying snapshots.
+"""Restoring snapshots.
 
 Restore writes a snapshot's guest view to a new sparse file (zero chunks
 become holes), or in place into an existing file or block device (zero
 chunks are punched, or written as zeros where punching is not possible).
-Every chunk is checked against its id as it is read. Two worker threads
-each hand batches of 32 chunks to the C core (bs_restore_chunks), which
-reads, checks, decodes, verifies and writes them without the GIL.
-
-Verify re-reads stored chunks through the same C checks (record header,
-decoding, XXH3-128 against the id) without writing, then names every
-snapshot and offset a bad chunk affects.
+The map is read a window of segments at a time, each segment checked
+against its id and each index entry against its checksum before a byte of
+that window is written; two worker threads each hand batches of 32 chunks
+to the C core (bs_restore_chunks), which reads, checks, decodes, verifies
+the chunk's hash and writes without the GIL. Memory does not grow with the
+image. A restore registers as a reader (``Repository.reader``): it never
+waits for gc, and nothing it can see is removed while it runs.
 """
 import concurrent.futures
 import errno
@@ -17,36 +17,63 @@ import os
 import stat
 import threading
 
-import lmdb
-
 from . import _native, errors
-from .repository import ACCOMPLISHED, ZERO_ID, map_lmdb_error
-from .store.chunks import fsync_dir
+from .repository import ACCOMPLISHED, ZERO_ID
+from .store.backend import fsync_dir
+from .store.config import SEGMENT_CHUNKS
+from .store.packs import KIND_CHUNK
 
 BATCH_CHUNKS = 32
 _tls = threading.local()
-RESTORE_WINDOW = 4096  # chunks located and ordered by pack at a time
+RESTORE_WINDOW = 16 * SEGMENT_CHUNKS  # chunks located and ordered by pack at a time
 SPARSE_BLOCK = 4096
 
 
-def _locate(repo, txn, ids, first, count, include_zero=True):
-    """Index entries for chunks ``first .. first+count`` of a map: ``(index, id, entry)``.
+def window_ids(txn, seg_ids, first_seg, n_segs, n_chunks):
+    """The chunk ids of segments ``first_seg .. first_seg+n_segs`` of a map (checked), as one bytes object.
+
+    Raises:
+        CatalogDamaged: a segment is missing or does not hash to its id.
+    """
+    parts = []
+    for s in range(first_seg, first_seg + n_segs):
+        sid = seg_ids[16 * s:16 * s + 16]
+        count = min(SEGMENT_CHUNKS, n_chunks - s * SEGMENT_CHUNKS)
+        if sid == ZERO_ID:
+            parts.append(bytes(16 * count))
+            continue
+        seg = txn.segment(sid)
+        if seg is None:
+            raise errors.CatalogDamaged(f"(map segment {sid.hex()} is not in the index)")
+        if len(seg.ids) != 16 * count:
+            raise errors.CatalogDamaged(f"(map segment {sid.hex()} holds {len(seg.ids) // 16} ids where the map "
+                                        f"needs {count})")
+        parts.append(seg.ids)
+    return b"".join(parts)
+
+
+def locate(txn, ids, first, chunk_size, include_zero=True):
+    """Index entries for the chunks of ``ids`` (16 bytes each; chunk ``first`` first): ``(index, id, entry)``.
 
     Zero chunks come as ``(index, ZERO_ID, None)`` when ``include_zero``, else not at all; the C
     core finds the non-zero ids, so a huge sparse map costs no Python loop over its holes.
+
+    Raises:
+        RepositoryDamaged: a chunk is not in the index; CatalogDamaged: its entry is damaged.
     """
-    nonzero = _native.nonzero_ids(ids[16 * first:16 * (first + count)])
+    count = len(ids) // 16
+    nonzero = _native.nonzero_ids(ids)
     out = []
     if include_zero:
         present = set(nonzero)
         out = [(first + j, ZERO_ID, None) for j in range(count) if j not in present]
     for j in nonzero:
-        i = first + j
-        cid = ids[16 * i:16 * i + 16]
-        entry = repo.catalog.get_chunk(txn, cid)
+        cid = ids[16 * j:16 * j + 16]
+        entry = txn.chunk(cid)
         if entry is None:
-            raise errors.RepositoryDamaged(f"chunk {cid.hex()} at offset {i * repo.chunk_size} is not in the index")
-        out.append((i, cid, entry))
+            raise errors.RepositoryDamaged(f"(chunk {cid.hex()} at offset {(first + j) * chunk_size} is not in "
+                                           "the index)")
+        out.append((first + j, cid, entry))
     return out
 
 
@@ -59,11 +86,13 @@ def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, s
         progress: optional callable(done_bytes, total_bytes).
         sync: fsync the output before returning (like ``cp``, ``qemu-img convert`` and
             ``restic restore``, the default leaves write-back to the kernel).
+        on_wait: kept for the API; a restore never waits.
     Returns:
         dict with RestoredBytes (data written) and Size.
     Raises:
         InvalidSnapshotIdNotFound, IncorrectSnapshotStatus, OutputExists, RestoreFailed,
-        RepositoryDamaged (a chunk failed its check; the output is then incomplete).
+        RepositoryDamaged (a chunk or the catalog failed its check; the output is then not named,
+        or, written in place, incomplete).
     """
     def accomplished(txn=None):
         rec = repo.get_snapshot(snapshot_id, txn)
@@ -71,17 +100,18 @@ def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, s
             raise errors.IncorrectSnapshotStatus(f"(snapshot {snapshot_id} is {rec['Status']})")
         return rec
 
-    accomplished()  # fail fast, before waiting for a running gc
-    lock = repo.lock_shared(on_wait)
+    accomplished()  # fail fast
+    hold = repo.reader()
     try:
-        # Again under the lock, in the transaction that reads the map: a delete may have come between.
+        # Again as a registered reader: a delete may have come between.
         with repo.catalog.read() as txn:
-            size = accomplished(txn)["SourceDiskSize"]
-            ids = repo.snapshot_map(snapshot_id, txn)
+            rec = accomplished(txn)
+            seg_ids = repo.segment_ids(txn, rec)
+        size = rec["SourceDiskSize"]
         fd, fresh, unnamed = _open_output(output, in_place, size)
         done = False
         try:
-            written = _restore_into(repo, fd, fresh, ids, size, progress)
+            written = _restore_into(repo, fd, fresh, seg_ids, size, progress)
             if sync:
                 os.fsync(fd)
             if unnamed:
@@ -93,10 +123,9 @@ def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, s
             os.close(fd)
             if fresh and not unnamed and not done:
                 _unlink_quietly(output)  # no half-written file that looks like a restored image
-    except lmdb.Error as exc:
-        raise map_lmdb_error(exc) from exc
     finally:
-        lock.release()
+        if hold is not None:
+            hold.release()
         repo.packs.release_ended_threads()
     return {"SnapshotId": snapshot_id, "Output": output, "Size": size, "RestoredBytes": written}
 
@@ -215,9 +244,9 @@ def _restorer(chunk_size):
     return restorer
 
 
-def _restore_into(repo, fd, fresh, ids, size, progress):
+def _restore_into(repo, fd, fresh, seg_ids, size, progress):
     cs = repo.chunk_size
-    n = len(ids) // 16
+    n = -(-size // cs)
     can_punch = [not fresh]
     zeros = bytes(cs)
 
@@ -231,21 +260,24 @@ def _restore_into(repo, fd, fresh, ids, size, progress):
                 if not fresh:
                     _zero_range(fd, off, clen, can_punch, zeros)
                 continue
-            pack_id, rec_off, stored, raw, codec = entry[:5]
             try:
-                pack_fd = _pack_fd(repo, pack_id)
+                pack_fd = _pack_fd(repo, entry.pack_id)
             except OSError as exc:
-                raise errors.RepositoryDamaged(f"chunk at offset {off}: pack {pack_id.hex()}: {exc.strerror}") from None
-            items.append((pack_fd, rec_off, stored, raw, codec, cid, off))
+                raise errors.RepositoryDamaged(f"(chunk at offset {off}: pack {entry.pack_id.hex()}: "
+                                               f"{exc.strerror})") from None
+            if entry.raw_len != clen:
+                raise errors.CatalogDamaged(f"(chunk entry {cid.hex()} gives {entry.raw_len} bytes where offset "
+                                            f"{off} needs {clen})")
+            items.append((pack_fd, entry.offset, entry.stored_len, entry.raw_len, entry.codec, KIND_CHUNK, cid, off))
             done += clen
         try:
             # One C call reads, checks, decodes, verifies and writes the whole batch without the GIL. A
             # fresh file keeps holes for zero blocks inside chunks too; in place, every byte is written.
             restorer.restore(items, fd, SPARSE_BLOCK if fresh else 0)
         except _native.RestoreDamage as exc:
-            pack_fd, rec_off, _, _, _, cid, off = items[exc.index]
-            raise errors.RepositoryDamaged(f"chunk {cid.hex()} at offset {off} (record at {rec_off} of its pack): "
-                                           f"{exc.problem}") from None
+            pack_fd, rec_off, _, _, _, _, cid, off = items[exc.index]
+            raise errors.RepositoryDamaged(f"(chunk {cid.hex()} at offset {off} (record at {rec_off} of its pack): "
+                                           f"{exc.problem})") from None
         return done
 
     # The map is taken a window at a time; inside a window, chunks are read in pack order (each pack
@@ -253,140 +285,24 @@ def _restore_into(repo, fd, fresh, ids, size, progress):
     # a long chain of small incrementals as fast as from one written at once. Memory stays bounded
     # by the window, whatever the image size.
     written = 0
+    segs_per_window = RESTORE_WINDOW // SEGMENT_CHUNKS
+    n_segs = len(seg_ids) // 16
     with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="blocksnap-restore") as pool:
         pending = []
-        with repo.catalog.read() as txn:
-            for first in range(0, n, RESTORE_WINDOW):
-                located = _locate(repo, txn, ids, first, min(RESTORE_WINDOW, n - first), include_zero=not fresh)
-                located.sort(key=lambda t: (b"", 0) if t[2] is None else (t[2][0], t[2][1]))
-                for k in range(0, len(located), BATCH_CHUNKS):
-                    pending.append(pool.submit(work, located[k:k + BATCH_CHUNKS]))
-                    if len(pending) >= 4:
-                        written += pending.pop(0).result()
-                if progress:
-                    progress(min(size, (first + RESTORE_WINDOW) * cs), size)
+        for s0 in range(0, n_segs, segs_per_window):
+            count = min(segs_per_window, n_segs - s0)
+            with repo.catalog.read() as txn:
+                ids = window_ids(txn, seg_ids, s0, count, n)
+                located = locate(txn, ids, s0 * SEGMENT_CHUNKS, cs, include_zero=not fresh)
+            located.sort(key=lambda t: (b"", 0) if t[2] is None else (t[2].pack_id, t[2].offset))
+            for k in range(0, len(located), BATCH_CHUNKS):
+                pending.append(pool.submit(work, located[k:k + BATCH_CHUNKS]))
+                if len(pending) >= 4:
+                    written += pending.pop(0).result()
+            if progress:
+                progress(min(size, (s0 + count) * SEGMENT_CHUNKS * cs), size)
         for fut in pending:
             written += fut.result()
     if progress:
         progress(size, size)
     return written
-
-
-def verify(repo, snapshot_id=None, progress=None, on_wait=None):
-    """Re-read and check every stored chunk (of one snapshot, or of the repository).
-
-    Returns:
-        dict: Checked (chunks), CheckedBytes, Damaged: list of {ChunkId, Problem,
-        Affected: [{SnapshotId, Offsets}]}, Problems (catalog-level findings).
-    Raises:
-        InvalidSnapshotIdNotFound.
-    """
-    cat = repo.catalog
-    problems = []
-    lock = repo.lock_shared(on_wait)
-    try:
-        with cat.read() as txn:
-            if snapshot_id is not None:
-                rec = repo.get_snapshot(snapshot_id, txn)
-                snaps = [rec] if rec["Status"] == ACCOMPLISHED else []
-            else:
-                snaps = [r for r in cat.iter_json(txn, "snapshots") if r["Status"] == ACCOMPLISHED]
-            wanted = {}
-            maps = {}
-            for rec in snaps:
-                try:
-                    ids = repo.snapshot_map(rec["SnapshotId"], txn)
-                except errors.RepositoryDamaged as exc:
-                    problems.append({"SnapshotId": rec["SnapshotId"], "Problem": str(exc)})
-                    continue
-                maps[rec["SnapshotId"]] = ids
-                for i in _native.nonzero_ids(ids):
-                    cid = ids[16 * i:16 * i + 16]
-                    if cid not in wanted:
-                        wanted[cid] = cat.get_chunk(txn, cid)
-            if snapshot_id is None:
-                problems.extend(_check_refcounts(repo, txn, maps))
-        bad = {}
-        todo = sorted(((e, cid) for cid, e in wanted.items() if e is not None), key=lambda t: (t[0][0], t[0][1]))
-        for cid, e in wanted.items():
-            if e is None:
-                bad[cid] = "missing from the index"
-        total = sum(e[3] for e, _ in todo)
-        done = 0
-
-        batches = [todo[k:k + BATCH_CHUNKS] for k in range(0, len(todo), BATCH_CHUNKS)]
-        with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="blocksnap-verify") as pool:
-            for problems_of_batch, raw in pool.map(lambda b: _check_batch(repo, b), batches):
-                done += raw
-                bad.update(problems_of_batch)
-                if progress:
-                    progress(done, total)
-    finally:
-        lock.release()
-        repo.packs.release_ended_threads()
-    damaged = []
-    for cid, problem in sorted(bad.items()):
-        affected = []
-        for sid, ids in maps.items():
-            offs = [j // 16 * repo.chunk_size for j in range(0, len(ids), 16) if ids[j:j + 16] == cid]
-            if offs:
-                affected.append({"SnapshotId": sid, "Offsets": offs})
-        damaged.append({"ChunkId": cid.hex(), "Problem": problem, "Affected": affected})
-    return {"Checked": len(todo), "CheckedBytes": sum(e[3] for e, _ in todo), "Damaged": damaged,
-            "Problems": problems, "Snapshots": len(maps)}
-
-
-def _check_batch(repo, batch):
-    """Check stored chunks ``[(entry, chunk_id)]`` with the restore path's C checks, writing nothing.
-
-    Returns:
-        ``({chunk_id: problem}, raw bytes checked)``; a damaged chunk does not stop the batch.
-    """
-    restorer = _restorer(repo.chunk_size)
-    bad, items, where = {}, [], []
-    for entry, cid in batch:
-        pack_id, rec_off, stored, raw, codec = entry[:5]
-        try:
-            pack_fd = _pack_fd(repo, pack_id)
-        except OSError as exc:
-            bad[cid] = f"pack {pack_id.hex()}: {exc.strerror}"
-            continue
-        items.append((pack_fd, rec_off, stored, raw, codec, cid, 0))
-        where.append(f"pack {pack_id.hex()} offset {rec_off}")
-    start = 0
-    while start < len(items):
-        try:
-            restorer.restore(items[start:], -1, 0)
-            break
-        except _native.RestoreDamage as exc:
-            k, problem = start + exc.index, exc.problem
-        except OSError as exc:
-            k, problem = start + exc.index, exc.strerror
-        bad[items[k][5]] = f"{where[k]}: {problem}"
-        start = k + 1
-    return bad, sum(entry[3] for entry, _ in batch)
-
-
-def _check_refcounts(repo, txn, maps):
-    """Recount segment and chunk references from the snapshot maps; report every difference."""
-    cat = repo.catalog
-    seg_refs = repo.segment_uses(txn, maps)
-    chunk_refs = {}
-    out = []
-    with txn.cursor(db=cat.db["segments"]) as cur:
-        for key, val in cur:
-            rc = int.from_bytes(val[:4], "big")
-            if seg_refs.get(key, 0) != rc:
-                out.append({"Segment": key.hex(), "Problem": f"refcount {rc}, referenced {seg_refs.get(key, 0)} times"})
-            ids = val[4:]
-            for j in range(0, len(ids), 16):
-                c = ids[j:j + 16]
-                if c != ZERO_ID:
-                    chunk_refs[c] = chunk_refs.get(c, 0) + 1
-    with txn.cursor(db=cat.db["chunks"]) as cur:
-        for key, val in cur:
-            rc = int.from_bytes(val[-4:], "big")
-            expected = chunk_refs.get(key, 0)
-            if rc != expected:
-                out.append({"ChunkId": key.hex(), "Problem": f"refcount {rc}, referenced {expected} times"})
-    return out

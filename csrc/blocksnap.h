@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
-#define BS_ABI_VERSION 8
+#define BS_ABI_VERSION 9
 
 #define BS_OK 0
 #define BS_EINVAL -1 /* an argument is out of range; nothing was written */
@@ -39,6 +39,14 @@ int bs_abi_version(void);
  * as Python's xxhash.xxh3_128_digest(). Always BS_OK.
  */
 int bs_hash128(const uint8_t *data, size_t len, uint8_t *out);
+
+/*
+ * bs_hash64: XXH3-64 (seed 0) of data[0:len) written to out[0:8) in the
+ * canonical big-endian byte order (XXH64_canonicalFromHash), the same bytes
+ * as Python's xxhash.xxh3_64_digest(). The checksum of catalog values and
+ * pack trailers (docs/FORMAT.md, "Integrity"). Always BS_OK.
+ */
+int bs_hash64(const uint8_t *data, size_t len, uint8_t *out);
 
 /* bs_is_zero: 1 if data[0:len) is all zero bytes (len 0 counts as zero), else 0. */
 int bs_is_zero(const uint8_t *data, size_t len);
@@ -97,10 +105,24 @@ int bs_entropy_probe(const uint8_t *data, size_t len, uint32_t *millibits_out);
  * Lets Python skip the zero chunks of a huge sparse map without a loop of its own.
  */
 int bs_ids_nonzero(const uint8_t *ids, uint32_t n, uint32_t *idx_out, uint32_t *count);
+/*
+ * bs_ids_filter: which of a set of candidate ids occur in a list of ids.
+ * cands[0:ncand*16) holds ncand ids sorted ascending in memcmp order (no
+ * duplicates needed); for every id in ids[0:n*16) that equals a candidate,
+ * found[k] is set to 1 for that candidate's index k (found has ncand bytes
+ * and is not cleared first, so one found array can be fed many lists).
+ * The zero id never matches. Returns BS_OK, or BS_EINVAL if cands is not
+ * sorted (nothing is marked then). This is the mark of a mark-and-sweep:
+ * before chunk data is removed, every live map segment is fed through it.
+ */
+int bs_ids_filter(const uint8_t *cands, uint32_t ncand, const uint8_t *ids, uint32_t n, uint8_t *found);
 
 /* Chunk codecs, as stored in pack records. */
 #define BS_CODEC_RAW 0
 #define BS_CODEC_ZSTD 1
+/* Record kinds (byte 5 of a record header): what the stored bytes are. */
+#define BS_KIND_CHUNK 0   /* a chunk of an image; its id is the XXH3-128 of its raw bytes */
+#define BS_KIND_SEGMENT 1 /* a chunk-map segment: chunk ids, 16 bytes each; its id is their XXH3-128 */
 #define BS_EDATA -4 /* stored bytes do not decode to the expected length */
 #define BS_ENOMEM -5
 
@@ -145,20 +167,21 @@ typedef struct {
     uint32_t stored_len;  /* bytes after the header */
     uint32_t raw_len;     /* the chunk's length in the image */
     uint8_t codec;        /* BS_CODEC_* */
-    uint8_t id[16];       /* the chunk id it must hash to */
+    uint8_t kind;         /* BS_KIND_* the record header must name */
+    uint8_t id[16];       /* the id its raw bytes must hash to */
     uint64_t out_offset;  /* where it goes in the output */
 } bs_restore_item;
 
 #define BS_EDAMAGED -6 /* a stored chunk is damaged; *detail_out says how */
 #define BS_DAMAGE_SHORT 1  /* the pack ends inside the record */
-#define BS_DAMAGE_HEADER 2 /* the record header does not match the index */
+#define BS_DAMAGE_HEADER 2 /* the record header (magic, codec, kind, lengths, id) does not match the index */
 #define BS_DAMAGE_DECODE 3 /* the stored bytes do not decode to raw_len bytes */
 #define BS_DAMAGE_HASH 4   /* the content does not hash to its id */
 #define BS_DAMAGE_INDEX 5  /* the item's lengths do not fit the buffers (a damaged index entry) */
 
 /*
  * bs_restore_chunks: for each item: read its record, check the header
- * against the item, decode, check the XXH3-128 against the id, and write
+ * against the item (magic, codec, kind, reserved bytes zero, lengths, id), decode, check the XXH3-128 against the id, and write
  * the bytes to out_fd at out_offset (skipping all-zero sparse_block blocks
  * when sparse_block > 0, see bs_pwrite_sparse). out_fd < 0 checks only:
  * that is how verify reads the repository. scratch holds 32 + one chunk,
@@ -181,12 +204,14 @@ int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n,
  *   bs_packw_begin   starts a pack on fd (written from offset 0) with its
  *                    header bytes.
  *   bs_packw_add     appends one record per rec: the 32-byte record header
- *                    (magic, codec, raw_len, stored_len, id; FORMAT.md)
+ *                    (magic, codec, kind, raw_len, stored_len, id; FORMAT.md)
  *                    and the stored_len bytes at base + src_off. The bytes
  *                    are copied before it returns. offsets_out[k] gets the
  *                    record's offset in the pack. It blocks while every
  *                    staging buffer is waiting for the device.
- *   bs_packw_offset  the logical end of the current pack's records.
+ *   bs_packw_append  appends len raw bytes (a pack's trailer: its record
+ *                    index and tail, FORMAT.md) after the records.
+ *   bs_packw_offset  the logical end of the current pack's bytes.
  *   bs_packw_end     pads the last buffer with zeros to a multiple of 4096,
  *                    hands it to the I/O thread and detaches the pack:
  *                    *size_out = its logical size, *seq_out = the number
@@ -201,9 +226,10 @@ typedef struct bs_packw bs_packw;
 typedef struct {
     uint32_t src_off;    /* where the stored bytes start, from base */
     uint32_t stored_len; /* bytes after the record header */
-    uint32_t raw_len;    /* the chunk's length in the image */
+    uint32_t raw_len;    /* the raw (decoded) length */
     uint8_t codec;       /* BS_CODEC_* */
-    uint8_t id[16];      /* the chunk id */
+    uint8_t kind;        /* BS_KIND_* */
+    uint8_t id[16];      /* the record's id */
 } bs_pack_rec;
 
 bs_packw *bs_packw_new(uint32_t stage_bytes, uint32_t nstages);
@@ -211,6 +237,7 @@ void bs_packw_free(bs_packw *w);
 int bs_packw_begin(bs_packw *w, int fd, const uint8_t *header, uint32_t header_len, int *err_out);
 int bs_packw_add(bs_packw *w, const uint8_t *base, const bs_pack_rec *recs, uint32_t n,
                  uint64_t *offsets_out, int *err_out);
+int bs_packw_append(bs_packw *w, const uint8_t *data, uint32_t len, int *err_out);
 uint64_t bs_packw_offset(const bs_packw *w);
 int bs_packw_end(bs_packw *w, uint64_t *seq_out, uint64_t *size_out, int *err_out);
 int bs_packw_wait(bs_packw *w, uint64_t seq, int *err_out);
@@ -218,7 +245,7 @@ int bs_packw_wait(bs_packw *w, uint64_t seq, int *err_out);
 
 /* Internal to the C core (not part of the cffi interface). */
 
-/* A pack record: 32-byte header (magic, codec, 3 reserved, raw_len, stored_len, id; big-endian
+/* A pack record: 32-byte header (magic, codec, kind, 2 reserved, raw_len, stored_len, id; big-endian
  * integers, docs/FORMAT.md "Pack files"), then the stored bytes. */
 #define BS_RECORD_SIZE 32
 #define BS_RECORD_MAGIC "BSCK"

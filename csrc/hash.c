@@ -17,6 +17,14 @@
 #ifndef BS_XXH3_128
 #define BS_XXH3_128 XXH3_128bits
 #endif
+#if defined(__x86_64__) && defined(__has_include)
+#if __has_include(<xxh_x86dispatch.h>)
+#define BS_XXH3_64 XXH3_64bits_dispatch
+#endif
+#endif
+#ifndef BS_XXH3_64
+#define BS_XXH3_64 XXH3_64bits
+#endif
 
 #include "blocksnap.h"
 
@@ -27,6 +35,14 @@ int bs_hash128(const uint8_t *data, size_t len, uint8_t *out)
     XXH128_canonical_t c;
     XXH128_canonicalFromHash(&c, BS_XXH3_128(data, len));
     memcpy(out, c.digest, BS_ID_LEN);
+    return BS_OK;
+}
+
+int bs_hash64(const uint8_t *data, size_t len, uint8_t *out)
+{
+    XXH64_canonical_t c;
+    XXH64_canonicalFromHash(&c, BS_XXH3_64(data, len));
+    memcpy(out, c.digest, 8);
     return BS_OK;
 }
 
@@ -56,5 +72,36 @@ int bs_ids_nonzero(const uint8_t *ids, uint32_t n, uint32_t *idx_out, uint32_t *
             idx_out[c++] = i;
     }
     *count = c;
+    return BS_OK;
+}
+
+int bs_ids_filter(const uint8_t *cands, uint32_t ncand, const uint8_t *ids, uint32_t n, uint8_t *found)
+{
+    for (uint32_t k = 1; k < ncand; k++)
+        if (memcmp(cands + (size_t)(k - 1) * BS_ID_LEN, cands + (size_t)k * BS_ID_LEN, BS_ID_LEN) > 0)
+            return BS_EINVAL;
+    if (ncand == 0)
+        return BS_OK;
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *id = ids + (size_t)i * BS_ID_LEN;
+        uint64_t a, b;
+        memcpy(&a, id, 8);
+        memcpy(&b, id + 8, 8);
+        if (!(a | b))
+            continue; /* the zero id stands for zeros and holes: never a candidate */
+        uint32_t lo = 0, hi = ncand; /* binary search for id in [lo, hi) */
+        while (lo < hi) {
+            uint32_t mid = lo + (hi - lo) / 2;
+            int c = memcmp(cands + (size_t)mid * BS_ID_LEN, id, BS_ID_LEN);
+            if (c == 0) {
+                found[mid] = 1;
+                break;
+            }
+            if (c < 0)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+    }
     return BS_OK;
 }

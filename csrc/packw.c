@@ -226,7 +226,8 @@ int bs_packw_add(bs_packw *w, const uint8_t *base, const bs_pack_rec *recs, uint
         uint8_t head[BS_RECORD_SIZE];
         memcpy(head, BS_RECORD_MAGIC, 4);
         head[4] = r->codec;
-        head[5] = head[6] = head[7] = 0;
+        head[5] = r->kind;
+        head[6] = head[7] = 0;
         put_be32(head + 8, r->raw_len);
         put_be32(head + 12, r->stored_len);
         memcpy(head + 16, r->id, BS_ID_LEN);
@@ -240,6 +241,20 @@ int bs_packw_add(bs_packw *w, const uint8_t *base, const bs_pack_rec *recs, uint
         }
         w->offset += BS_RECORD_SIZE + (uint64_t)r->stored_len;
     }
+    return BS_OK;
+}
+
+int bs_packw_append(bs_packw *w, const uint8_t *data, uint32_t len, int *err_out)
+{
+    *err_out = 0;
+    if (w->fd == -1)
+        return BS_EINVAL;
+    int err = append(w, data, len);
+    if (err) {
+        *err_out = err;
+        return BS_EIO;
+    }
+    w->offset += len;
     return BS_OK;
 }
 

@@ -39,7 +39,8 @@ int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n,
                              detail_out);
         if (rc != BS_OK)
             return rc;
-        if (memcmp(scratch, BS_RECORD_MAGIC, 4) != 0 || scratch[4] != it->codec || be32(scratch + 8) != it->raw_len ||
+        if (memcmp(scratch, BS_RECORD_MAGIC, 4) != 0 || scratch[4] != it->codec || scratch[5] != it->kind ||
+            scratch[6] != 0 || scratch[7] != 0 || be32(scratch + 8) != it->raw_len ||
             be32(scratch + 12) != it->stored_len || memcmp(scratch + 16, it->id, BS_ID_LEN) != 0) {
             *detail_out = BS_DAMAGE_HEADER;
             return BS_EDAMAGED;

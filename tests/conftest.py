@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from blocksnap.store import meta
+from blocksnap.store import catalog as catalogs
 
 MiB = 1 << 20
 
@@ -20,9 +20,9 @@ def isolated_env(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "home" / "data"))
     monkeypatch.chdir(tmp_path)
     yield
-    for path in list(meta._envs):
+    for path in catalogs.open_envs():
         if path.startswith(str(tmp_path)):
-            meta.close_env(path)
+            catalogs.close_env(path)
 
 
 @pytest.fixture
@@ -137,9 +137,9 @@ def mount_tmpfs(tmp_path):
 
     yield mount
     for mnt in mounted:
-        for path in list(meta._envs):
+        for path in catalogs.open_envs():
             if path.startswith(mnt):
-                meta.close_env(path)
+                catalogs.close_env(path)
         if subprocess.run(["umount", mnt], check=False).returncode != 0:
             subprocess.run(["umount", "-l", mnt], check=False)
 

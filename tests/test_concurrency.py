@@ -19,8 +19,9 @@ from conftest import MiB, allocated, restores_identical, run_cli, write_random
 import blocksnap
 from blocksnap import _native, backup, errors
 from blocksnap.api import Client
-from blocksnap.store import chunks as chunkstore
-from blocksnap.store import locks
+from blocksnap.store import packs as chunkstore
+from blocksnap.store import refs
+from blocksnap.store import catalog as catalogs
 
 CHUNK = 64 << 10
 
@@ -87,15 +88,13 @@ def pack_files(repo_path):
 
 
 def db_keys(client, name):
-    cat = client.repo.catalog
-    with cat.read() as txn, txn.cursor(db=cat.db[name]) as cur:
-        return {bytes(k) for k in cur.iternext(keys=True, values=False)}
+    with client.repo.catalog.read() as txn:
+        return set(txn.keys(name))
 
 
 def db_entries(client, name):
-    cat = client.repo.catalog
-    with cat.read() as txn:
-        return txn.stat(cat.db[name])["entries"]
+    with client.repo.catalog.read() as txn:
+        return txn.count(name)
 
 
 def referenced_chunks(client):
@@ -103,11 +102,13 @@ def referenced_chunks(client):
     repo = client.repo
     out = set()
     with repo.catalog.read() as txn:
-        for rec in repo.catalog.iter_json(txn, "snapshots"):
+        for rec in txn.snapshots():
             if rec["Status"] != "accomplished":
                 continue
-            ids = repo.snapshot_map(rec["SnapshotId"], txn)
-            out.update(ids[j:j + 16] for j in range(0, len(ids), 16))
+            for sid in refs.split_ids(refs.map_of(txn, rec)):
+                if sid != bytes(16):
+                    ids = txn.segment(sid).ids
+                    out.update(ids[j:j + 16] for j in range(0, len(ids), 16))
     out.discard(bytes(16))
     return out
 
@@ -208,35 +209,26 @@ def test_deleting_the_parent_during_a_create_keeps_the_new_snapshot_whole(tmp_pa
         assert out["Ok"] and out["Problems"] == []
 
 
-def test_listing_a_dead_create_does_not_make_a_new_create_fail(tmp_path, repo_path, monkeypatch):
-    """A listing that settles a dead create's record while a new create of that disk starts does not make
-    the new create fail with IncorrectDiskStatus.CreatingSnapshot."""
+def test_listing_a_dead_create_writes_nothing_and_a_new_create_takes_the_disk(tmp_path, repo_path):
+    """A listing shows a dead create's record as failed without writing anything (the catalog's last
+    transaction id does not move: reads do not write, so they cannot race a new create of that disk); the
+    next create of the disk records the failure and succeeds."""
     image = write_random(tmp_path / "a.raw", 4 * MiB)
     disk = cli_child("--repo", repo_path, "disk", "add", image).stdout.strip()
     dead = run_cli("--repo", repo_path, "snapshot", "create", disk,
                    env={"PYTHONPATH": child_env()["PYTHONPATH"], "BLOCKSNAP_CRASHPOINT": "before-commit"})
     assert dead.returncode == -9
-
-    # The lister is descheduled for 0.3 s while its probe holds the lock (a slow reader, made certain).
-    probing = threading.Event()
-
-    class SlowProbe(locks.FileLock):
-        def release(self):
-            if self._fd is not None:
-                probing.set()
-                time.sleep(0.3)
-            super().release()
-
-    monkeypatch.setattr(locks, "FileLock", SlowProbe)  # only is_held() builds locks through this name
-    with Client(repo_path) as lister, Client(repo_path) as creator:
-        t = threading.Thread(target=lister.describe_snapshots, kwargs={"sizes": False})
-        t.start()
-        try:
-            probing.wait(2)
-            sid = creator.create_snapshot(disk)["SnapshotId"]
-        finally:
-            t.join()
-        assert restores_identical(creator, tmp_path, sid, image)
+    with Client(repo_path) as c:
+        before = c.repo.catalog.env.info()["last_txnid"]
+        [rec] = c.describe_snapshots()["Snapshots"]["Snapshot"]
+        assert rec["Status"] == "failed" and "ended before it finished" in rec["Error"]["Message"]
+        with c.repo.catalog.read() as txn:
+            assert txn.snapshot(rec["SnapshotId"])["Status"] == "progressing"  # as stored: nothing written
+        assert c.repo.catalog.env.info()["last_txnid"] == before
+        sid = c.create_snapshot(disk)["SnapshotId"]
+        with c.repo.catalog.read() as txn:
+            assert txn.snapshot(rec["SnapshotId"])["Status"] == "failed"  # the writer recorded it
+        assert restores_identical(c, tmp_path, sid, image)
 
 
 def test_two_disks_snapshotted_at_once_share_stored_data(tmp_path, repo_path):
@@ -536,11 +528,10 @@ def test_records_another_create_stored_first_are_not_kept(tmp_path, same):
         own = 0 if same == "all" else MiB // CHUNK
         assert recs[sb]["AddedChunks"] == 2 * MiB // CHUNK and recs[sa]["AddedChunks"] == own
         packs = c.repo.packs.list_packs()
-        cat = c.repo.catalog
-        with cat.read() as txn:
-            named = {cat.get_chunk(txn, k)[0] for k, _ in txn.cursor(db=cat.db["chunks"])}
-            in_table = {bytes(k) for k in txn.cursor(db=cat.db["packs"]).iternext(values=False)}
-            assert txn.stat(cat.db["reclaim"])["entries"] == 0
+        with c.repo.catalog.read() as txn:
+            named = {e.pack_id for _, e in txn.chunks()}
+            in_table = set(txn.keys("packs"))
+            assert txn.count("reclaim") == 0
         assert set(packs) == named == in_table and len(packs) == (1 if same == "all" else 2)
         stored = sum(recs[s]["AddedBytes"] for s in (sa, sb))
         assert allocated(os.path.join(repo, "packs")) < stored + len(packs) * 4 * CHUNK
@@ -564,12 +555,12 @@ def test_gc_removes_a_pack_the_table_knows_but_no_index_entry_names(tmp_path):
         os.makedirs(os.path.dirname(c.repo.packs.path(empty)), exist_ok=True)
         shutil.copyfile(c.repo.packs.path(real), c.repo.packs.path(empty))
         with c.repo.catalog.write() as txn:
-            c.repo.catalog.put_pack(txn, empty, 0, os.path.getsize(c.repo.packs.path(empty)))
+            txn.put_pack(empty, catalogs.PackEntry(os.path.getsize(c.repo.packs.path(empty)), 0))
         assert c.gc(dry_run=True)["OrphanPacks"] == 1
         c.gc()
         assert c.repo.packs.list_packs() == [real]
         with c.repo.catalog.read() as txn:
-            assert c.repo.catalog.get_pack(txn, empty) is None
+            assert txn.pack(empty) is None
         assert restores_identical(c, tmp_path, sid, img)
         assert c.verify()["Ok"]
 
@@ -611,19 +602,15 @@ def test_a_waiting_gc_is_not_overtaken_by_new_readers(tmp_path):
     assert events == ["gc in", "B in"]
 
 
-@pytest.mark.parametrize("op", ["create", "restore", "verify"])
-def test_a_create_restore_or_verify_that_waits_for_gc_says_so(tmp_path, op):
-    """While gc holds the repository, a create, restore or verify waits; on_wait tells its caller (the CLI
-    prints a line) once, and the operation then completes."""
+def test_a_create_that_waits_for_gc_says_so_and_readers_never_wait(tmp_path):
+    """While gc holds the repository, a create waits; on_wait tells its caller (the CLI prints a line) once,
+    and the create then completes. A restore and a verify do not wait for gc at all."""
     repo = str(tmp_path / "repo")
     Client.init(repo, chunk_size=CHUNK)
     img = write_random(tmp_path / "a.raw", MiB)
     with Client(repo) as c:
         disk = c.add_disk(img)["DiskId"]
         sid = c.create_snapshot(disk)["SnapshotId"]
-        calls = {"create": lambda w: c.create_snapshot(disk, on_wait=w),
-                 "restore": lambda w: c.restore(sid, str(tmp_path / "out.raw"), on_wait=w),
-                 "verify": lambda w: c.verify(on_wait=w)}
         waited, done = [], []
         told = threading.Event()
 
@@ -632,11 +619,16 @@ def test_a_create_restore_or_verify_that_waits_for_gc_says_so(tmp_path, op):
             told.set()
 
         gc_lock = c.repo.lock_exclusive()  # gc is running
-        t = threading.Thread(target=lambda: done.append(calls[op](on_wait)))
-        t.start()
-        assert told.wait(30)
-        time.sleep(0.2)
-        assert done == []  # still waiting
-        gc_lock.release()
+        try:
+            c.restore(sid, str(tmp_path / "out.raw"), on_wait=on_wait)
+            assert c.verify(on_wait=on_wait)["Ok"]
+            assert waited == []  # readers went through while gc held the repository
+            t = threading.Thread(target=lambda: done.append(c.create_snapshot(disk, on_wait=on_wait)))
+            t.start()
+            assert told.wait(30)
+            time.sleep(0.2)
+            assert done == []  # still waiting
+        finally:
+            gc_lock.release()
         t.join(30)
         assert waited == [1] and len(done) == 1

@@ -18,7 +18,7 @@ from conftest import MiB, allocated, restores_identical, write_random
 
 import blocksnap
 from blocksnap.api import Client
-from blocksnap.store import meta
+from blocksnap.store import catalog as catalogs
 
 CHUNK = 64 << 10
 CRASHPOINTS = ("mid-scan", "after-pack-fsync", "after-pack-index", "before-commit", "after-commit")
@@ -63,7 +63,7 @@ def put_content(image, saved):
 
 def reopen(path):
     """A fresh Client: this process's LMDB environment of the catalog is closed and opened again."""
-    meta.close_env(os.path.join(path, "catalog"))
+    catalogs.close_env(os.path.join(path, "catalog"))
     return Client(path)
 
 
@@ -76,8 +76,9 @@ def snapshots(client, disk_id=None):
 def assert_gc_left_nothing(client):
     """A dry run after gc plans no work: no dead chunks, orphan packs or interrupted reclaims."""
     plan = client.gc(dry_run=True)
-    assert (plan["DeadChunks"], plan["DeadBytes"], plan["OrphanPacks"], plan["OrphanBytes"],
-            plan["PendingReclaim"], plan["ExpiredSnapshots"]) == (0, 0, 0, 0, 0, []), plan
+    assert (plan["DeadChunks"], plan["DeadSegments"], plan["DeadBytes"], plan["OrphanPacks"], plan["OrphanBytes"],
+            plan["UnnamedRecords"], plan["UnnamedBytes"], plan["PendingReclaim"],
+            plan["ExpiredSnapshots"]) == (0, 0, 0, 0, 0, 0, 0, 0, []), plan
 
 
 def reference_pack_bytes(tmp_path, contents, name):
@@ -91,7 +92,7 @@ def reference_pack_bytes(tmp_path, contents, name):
         for saved in contents:
             put_content(image, saved)
             c.create_snapshot(disk)
-    meta.close_env(os.path.join(path, "catalog"))
+    catalogs.close_env(os.path.join(path, "catalog"))
     out = allocated(os.path.join(path, "packs"))
     shutil.rmtree(path)
     os.unlink(image)
@@ -150,7 +151,7 @@ def test_create_killed_at_crashpoint_leaves_repository_intact(point, tmp_path, r
     b_saved = str(tmp_path / "b.saved")
     shutil.copyfile(image, b_saved)
     c.close()
-    meta.close_env(os.path.join(repo_path, "catalog"))
+    catalogs.close_env(os.path.join(repo_path, "catalog"))
 
     rc, out, err = finish(cli("--repo", repo_path, "snapshot", "create", disk, BLOCKSNAP_CRASHPOINT=point))
     assert rc == -signal.SIGKILL, (rc, out, err)
@@ -173,7 +174,7 @@ def test_create_killed_at_random_times_leaves_repository_intact(tmp_path, repo_p
     with Client(repo_path) as c:
         disk = c.add_disk(image)["DiskId"]
         s1 = c.create_snapshot(disk)["SnapshotId"]
-    meta.close_env(os.path.join(repo_path, "catalog"))
+    catalogs.close_env(os.path.join(repo_path, "catalog"))
     write_random(image, 96 * MiB, offset=16 * MiB)
     b_saved = str(tmp_path / "b.saved")
     shutil.copyfile(image, b_saved)
@@ -205,7 +206,7 @@ def test_create_killed_at_random_times_leaves_repository_intact(tmp_path, repo_p
             status = check_after_kill(c, tmp_path, disk, s1, a_saved, b_saved, image, ref_cache)
         finally:
             c.close()
-        meta.close_env(os.path.join(work, "catalog"))
+        catalogs.close_env(os.path.join(work, "catalog"))
         shutil.rmtree(work)
         if rc == 0:
             assert status == "accomplished"
@@ -251,7 +252,7 @@ def many_base(tmp_path_factory):
             saved = str(base / f"many-{i}.saved")
             shutil.copyfile(image, saved)
             snaps.append((c.create_snapshot(disk)["SnapshotId"], saved))
-    meta.close_env(os.path.join(path, "catalog"))
+    catalogs.close_env(os.path.join(path, "catalog"))
     return path, snaps
 
 
@@ -295,7 +296,7 @@ def check_survivors(path, tmp_path, snaps):
         return [s["SnapshotId"] for s in left]
     finally:
         c.close()
-        meta.close_env(os.path.join(path, "catalog"))
+        catalogs.close_env(os.path.join(path, "catalog"))
 
 
 def measure(code, args):
@@ -343,7 +344,7 @@ def test_gc_killed_leaves_repository_intact(tmp_path, many_snapshots):
         for sid, _ in snaps[1:7]:
             c.repo.delete_snapshot(sid, reclaim=False)  # leave the dead chunks for gc
         dead = c.gc(dry_run=True)["DeadChunks"]
-    meta.close_env(os.path.join(path, "catalog"))
+    catalogs.close_env(os.path.join(path, "catalog"))
     assert dead > 1000
     kept = [snaps[0], snaps[7]]
     calib = str(tmp_path / "calib")
@@ -372,11 +373,10 @@ def test_gc_killed_leaves_repository_intact(tmp_path, many_snapshots):
 # Children that SIGKILL themselves at a fixed point of reclamation, via a wrapper around one engine method.
 KILL_IN_RECLAIM = """
 import os, signal, sys
-from blocksnap import repository
-from blocksnap.store import chunks
+from blocksnap.store import packs, refs
 where, op, path, *sids = sys.argv[1:]
 if where == "before-punch":  # index entries are gone, the reclaim list is committed, nothing punched yet
-    repository.Repository.process_reclaim = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+    refs.Reclaim.process = lambda self: os.kill(os.getpid(), signal.SIGKILL)
 else:  # the first dead pack is unlinked or range punched; the reclaim list is not cleared yet
     def killing(orig):
         def run(self, *args):
@@ -384,8 +384,8 @@ else:  # the first dead pack is unlinked or range punched; the reclaim list is n
             os.kill(os.getpid(), signal.SIGKILL)
             return out
         return run
-    chunks.PackStore.remove = killing(chunks.PackStore.remove)
-    chunks.PackStore.punch = killing(chunks.PackStore.punch)
+    packs.PackStore.remove = killing(packs.PackStore.remove)
+    packs.PackStore.punch = killing(packs.PackStore.punch)
 from blocksnap.api import Client
 c = Client(path)
 if op == "delete":
@@ -407,7 +407,7 @@ def test_killed_during_reclaim_leaves_work_gc_finishes(op, where, tmp_path, many
         with Client(path) as c:
             for sid in victims:
                 c.repo.delete_snapshot(sid, reclaim=False)
-        meta.close_env(os.path.join(path, "catalog"))
+        catalogs.close_env(os.path.join(path, "catalog"))
     args = [where, op, path, *(victims if op == "delete" else [])]
     proc = subprocess.Popen([sys.executable, "-c", KILL_IN_RECLAIM, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=child_env())
@@ -419,12 +419,11 @@ def test_killed_during_reclaim_leaves_work_gc_finishes(op, where, tmp_path, many
     assert snaps[7][0] in left
     with Client(path) as c:
         plan = c.gc(dry_run=True)
-        assert plan["PendingReclaim"] + plan["DeadChunks"] > 0  # the killed process left work behind
+        assert plan["PendingReclaim"] + plan["DeadChunks"] + plan["DeadSegments"] > 0  # work left behind
         c.gc()
         assert_gc_left_nothing(c)
-        cat = c.repo.catalog
-        with cat.read() as txn:
-            indexed_packs = {bytes(k).hex() for k in txn.cursor(db=cat.db["packs"]).iternext(values=False)}
+        with c.repo.catalog.read() as txn:
+            indexed_packs = {k.hex() for k in txn.keys("packs")}
         on_disk = {p.hex() for p in c.repo.packs.list_packs()}
         assert on_disk == indexed_packs
     check_survivors(path, tmp_path, kept)
@@ -437,9 +436,8 @@ def test_process_killed_inside_a_catalog_write_does_not_block_writers(tmp_path, 
 import os, signal, sys
 from blocksnap.api import Client
 c = Client(sys.argv[1])
-cat = c.repo.catalog
-txn = cat.write()
-txn.put(b"half-done", b"x", db=cat.db["counters"])
+txn = c.repo.catalog.write().__enter__()
+txn.put_meta_u64(b"half-done", 1)
 os.kill(os.getpid(), signal.SIGKILL)
 """
     proc = subprocess.Popen([sys.executable, "-c", code, repo_path], stdout=subprocess.PIPE,
@@ -455,9 +453,8 @@ os.kill(os.getpid(), signal.SIGKILL)
     try:
         sid = c.create_snapshot(add.stdout.strip())["SnapshotId"]
         assert restores_identical(c, tmp_path, sid, image)
-        cat = c.repo.catalog
-        with cat.read() as txn:
-            assert txn.get(b"half-done", db=cat.db["counters"]) is None
+        with c.repo.catalog.read() as txn:
+            assert txn._t.get(b"Mhalf-done") is None
     finally:
         c.close()
 
@@ -494,14 +491,13 @@ def test_init_over_what_an_older_killed_init_left(tmp_path):
     half = tmp_path / "half"
     for sub in ("packs", "locks"):
         (half / sub).mkdir(parents=True)
-    meta.create_env(str(half / "catalog"))
-    meta.close_env(str(half / "catalog"))
+    catalogs.create(str(half / "catalog"), "0" * 32)
     with pytest.raises(errors.RepositoryNotFound):
         Repository.open(str(half))
     Client.init(str(half), chunk_size=CHUNK)
     with Client(str(half)) as c:
         assert c.describe_disks()["TotalCount"] == 0
-    meta.close_env(str(half / "catalog"))
+    catalogs.close_env(str(half / "catalog"))
 
     other = tmp_path / "other"
     (other / "packs").mkdir(parents=True)
@@ -533,7 +529,7 @@ def test_first_use_of_the_default_repository_when_another_process_makes_it_meanw
 
     def init_after_another(cls, path, chunk_size=CHUNK):
         real_init(cls, path, chunk_size)  # the other process wins
-        meta.close_env(os.path.join(path, "catalog"))
+        catalogs.close_env(os.path.join(path, "catalog"))
         return real_init(cls, path, chunk_size)  # ours then finds it there
 
     monkeypatch.setattr(Repository, "init", classmethod(init_after_another))
@@ -558,7 +554,7 @@ def test_init_in_an_existing_empty_directory_killed_or_not(tmp_path):
     rc, _, err = finish(cli("--repo", str(link), "init"))
     assert rc == 0, err
     assert link.is_symlink() and (target / "config").is_file()
-    assert sorted(p.name for p in target.iterdir()) == ["catalog", "config", "locks", "packs"]
+    assert sorted(p.name for p in target.iterdir()) == ["catalog", "config", "disks", "locks", "packs", "snapshots"]
     rc, _, err = finish(cli("--repo", str(link), "disk", "list"))
     assert rc == 0, err
 
@@ -594,7 +590,7 @@ def test_init_never_deletes_what_is_not_a_killed_init(tmp_path):
     image.write_bytes(b"x" * 4096)
     with Client(str(lost)) as c:
         c.add_disk(str(image))
-    meta.close_env(str(lost / "catalog"))
+    catalogs.close_env(str(lost / "catalog"))
     (lost / "config").unlink()
     with pytest.raises(errors.RepositoryExists):
         Client.init(str(lost), chunk_size=CHUNK)
@@ -616,7 +612,7 @@ def test_inits_racing_on_one_existing_directory(tmp_path):
         for rc, _, err in results:
             if rc:
                 assert "Repository.Exists" in err and "Traceback" not in err, err
-        assert sorted(p.name for p in d.iterdir()) == ["catalog", "config", "locks", "packs"]
+        assert sorted(p.name for p in d.iterdir()) == ["catalog", "config", "disks", "locks", "packs", "snapshots"]
         rc, _, err = finish(cli("--repo", str(d), "disk", "list"))
         assert rc == 0, err
 
@@ -629,7 +625,9 @@ def test_an_init_waits_for_another_building_in_the_same_directory(tmp_path, monk
 
     from blocksnap import errors, repository
 
-    real_build = repository._build
+    from blocksnap.store import layout
+
+    real_build = layout._build
     building = threading.Event()
 
     def slow_build(build, chunk_size):
@@ -637,7 +635,7 @@ def test_an_init_waits_for_another_building_in_the_same_directory(tmp_path, monk
         time.sleep(0.5)
         return real_build(build, chunk_size)
 
-    monkeypatch.setattr(repository, "_build", slow_build)
+    monkeypatch.setattr(layout, "_build", slow_build)
     d = tmp_path / "d"
     d.mkdir()
     outcome = {}
@@ -651,11 +649,11 @@ def test_an_init_waits_for_another_building_in_the_same_directory(tmp_path, monk
     a = threading.Thread(target=init_a)
     a.start()
     assert building.wait(10)
-    monkeypatch.setattr(repository, "_build", real_build)
+    monkeypatch.setattr(layout, "_build", real_build)
     with pytest.raises(errors.RepositoryExists):
         repository.Repository.init(str(d), CHUNK)
     a.join(30)
     assert isinstance(outcome["a"], str), outcome
-    meta.close_env(str(d / "catalog"))
+    catalogs.close_env(str(d / "catalog"))
     with Client(str(d)) as c:
         assert c.repo.config["RepositoryId"] == outcome["a"]

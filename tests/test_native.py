@@ -478,7 +478,7 @@ def test_encode_in_place_round_trips_and_matches_zstd():
 def test_pack_stager_writes_the_documented_records_across_buffer_boundaries(tmp_path):
     """bs_packw lays out header + records exactly as FORMAT.md says (struct-packed here, independently),
     across staging-buffer boundaries, with zero padding to a whole block and the right offsets."""
-    from blocksnap.store import chunks
+    from blocksnap.store import packs as chunks
 
     rng = random.Random(11)
     window = bytearray(rng.randbytes(64 << 10))
@@ -488,9 +488,10 @@ def test_pack_stager_writes_the_documented_records_across_buffer_boundaries(tmp_
     for k, (src, n) in enumerate([(0, 100), (100, 9000), (9100, 1), (9101, 20000), (40000, 4064), (0, 24000)]):
         cid = xxhash.xxh3_128_digest(bytes([k]))
         codec = k % 2
-        recs.append((cid, src, n, n + 7, codec))
+        kind = k % 3 == 2  # some records are map segments (kind 1)
+        recs.append((cid, src, n, n + 7, codec, kind))
         expected_offsets.append(len(expect))
-        expect += chunks.RECORD.pack(chunks.RECORD_MAGIC, codec, n + 7, n, cid) + window[src:src + n]
+        expect += chunks.RECORD.pack(chunks.RECORD_MAGIC, codec, kind, n + 7, n, cid) + window[src:src + n]
     path = tmp_path / "p.pack"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     stager = _native.PackStager(8192, 2)
@@ -498,6 +499,8 @@ def test_pack_stager_writes_the_documented_records_across_buffer_boundaries(tmp_
         stager.begin(fd, header)
         assert stager.add(window, recs[:3]) == expected_offsets[:3]
         assert stager.add(window, recs[3:]) == expected_offsets[3:]
+        stager.append(b"TRAILER")  # raw bytes after the records (a pack's trailer)
+        expect += b"TRAILER"
         assert stager.offset == len(expect)
         seq, size = stager.end()
         assert size == len(expect)
@@ -525,14 +528,14 @@ def test_pack_stager_reports_a_failed_write_and_refuses_bad_arguments(tmp_path):
         stager.begin(fd, b"H" * 16)
         with pytest.raises(OSError) as info:
             for _ in range(16):
-                stager.add(window, [(bytes(16), 0, 60000, 60000, 0)])
+                stager.add(window, [(bytes(16), 0, 60000, 60000, 0, 0)])
             seq, _ = stager.end()
             stager.wait(seq)
         assert info.value.errno == errno.EBADF
         with pytest.raises(OSError):
             stager.wait(1)
         with pytest.raises(ValueError):
-            stager.add(window, [(bytes(16), 60000, 8000, 8000, 0)])
+            stager.add(window, [(bytes(16), 60000, 8000, 8000, 0, 0)])
     finally:
         stager.close()
         os.close(fd)
@@ -544,7 +547,7 @@ def test_pack_stager_reports_a_failed_write_and_refuses_bad_arguments(tmp_path):
 
 def _pack_of(tmp_path, chunk_list, cs):
     """A pack file holding ``chunk_list`` as records (zstd where it shrinks them), and restore items for it."""
-    from blocksnap.store import chunks
+    from blocksnap.store import packs as chunks
 
     window = bytearray(cs * len(chunk_list))
     for k, d in enumerate(chunk_list):
@@ -558,8 +561,8 @@ def _pack_of(tmp_path, chunk_list, cs):
         for k, d in enumerate(chunk_list):
             cid = xxhash.xxh3_128_digest(d)
             stored = bytes(window[k * cs:k * cs + lens[k]])
-            f.write(chunks.RECORD.pack(chunks.RECORD_MAGIC, codecs[k], len(d), lens[k], cid) + stored)
-            items.append((None, pos, lens[k], len(d), codecs[k], cid, k * cs))
+            f.write(chunks.RECORD.pack(chunks.RECORD_MAGIC, codecs[k], 0, len(d), lens[k], cid) + stored)
+            items.append((None, pos, lens[k], len(d), codecs[k], 0, cid, k * cs))
             pos += 32 + lens[k]
     return pack, items, codecs
 
@@ -593,12 +596,17 @@ def test_restore_chunks_names_the_damaged_chunk(tmp_path):
         o.flush()
         assert out.read_bytes() == b"".join(data)
         bad = list(good)
-        bad[1] = bad[1][:5] + (xxhash.xxh3_128_digest(b"other"),) + bad[1][6:]
+        bad[1] = bad[1][:6] + (xxhash.xxh3_128_digest(b"other"),) + bad[1][7:]
         for fd in (o.fileno(), -1):
             with pytest.raises(_native.RestoreDamage) as exc:
                 r.restore(bad, fd, 0)
             assert exc.value.index == 1 and "record header" in exc.value.problem
         r.restore(bad[2:], -1, 0)  # verify goes on after a damaged chunk
+        wrong_kind = list(good)
+        wrong_kind[1] = wrong_kind[1][:5] + (1,) + wrong_kind[1][6:]  # a chunk read as a map segment
+        with pytest.raises(_native.RestoreDamage) as exc:
+            r.restore(wrong_kind, -1, 0)
+        assert exc.value.index == 1 and "record header" in exc.value.problem
         huge = list(good)
         huge[1] = huge[1][:2] + (1 << 24,) + huge[1][3:]  # a stored length no chunk can have (a flipped bit)
         for fd in (o.fileno(), -1):
@@ -620,3 +628,49 @@ def test_restore_chunks_names_the_damaged_chunk(tmp_path):
         with pytest.raises(_native.RestoreDamage) as exc:
             r.restore([(p.fileno(),) + it[1:] for it in items], -1, 0)
         assert exc.value.index == 0 and "hash" in exc.value.problem
+
+
+def test_hash64_is_xxh3_64_in_canonical_order():
+    """bs_hash64 gives the same 8 bytes as the independent xxhash package's xxh3_64_digest, for any length."""
+    rng = random.Random(5)
+    for n in (0, 1, 16, 240, 241, 4096, 100000):
+        data = rng.randbytes(n)
+        assert _native.hash64(data) == xxhash.xxh3_64_digest(data)
+
+
+def test_id_filter_marks_exactly_the_candidates_that_occur():
+    """bs_ids_filter finds every candidate that occurs in the lists fed to it, no other, never the zero id,
+    and refuses unsorted candidates."""
+    rng = random.Random(9)
+    cands = [rng.randbytes(16) for _ in range(500)] + [bytes(16)]
+    filt = _native.IdFilter(cands)
+    present = cands[:200:3]
+    others = [rng.randbytes(16) for _ in range(300)]
+    mixed = present + others + [bytes(16)] * 5
+    rng.shuffle(mixed)
+    filt.feed(b"".join(mixed[:150]))
+    filt.feed(b"".join(mixed[150:]))
+    assert set(filt.found()) == set(present)
+    assert set(filt.missing()) == set(cands) - set(present)
+    filt.clear()
+    assert filt.found() == [] and not filt.any_found()
+    from blocksnap._blocksnap_c import ffi, lib
+
+    unsorted = b"".join(sorted(cands[:10], reverse=True))
+    found = bytearray(10)
+    assert lib.bs_ids_filter(unsorted, 10, unsorted, 10, ffi.from_buffer(found)) == lib.BS_EINVAL
+    assert found == bytearray(10)
+
+
+def test_restore_checks_the_reserved_bytes_of_a_record_header(tmp_path):
+    """A record header whose reserved bytes are not zero is damage (a flipped bit there is caught too)."""
+    cs = 64 << 10
+    data = [random.Random(3).randbytes(cs)]
+    pack, items, _ = _pack_of(tmp_path, data, cs)
+    with open(pack, "r+b") as f:
+        f.seek(16 + 7)
+        f.write(b"\x01")
+    with open(pack, "rb") as p:
+        with pytest.raises(_native.RestoreDamage) as exc:
+            _native.Restorer(cs).restore([(p.fileno(),) + it[1:] for it in items], -1, 0)
+        assert "record header" in exc.value.problem

@@ -1,16 +1,33 @@
 """The blocksnap command: argument parsing, the repository, errors as one line."""
 import argparse
 import os
+import signal
 import sys
 import traceback
 
-import lmdb
-
 from .. import __version__, errors
 from ..api import Client
-from ..repository import default_repo_path, map_lmdb_error
+from ..repository import default_repo_path
 from . import disk_cmd, repo_cmd, restore_cmd, snapshot_cmd
 from .output import emit_json
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwound like KeyboardInterrupt, so a create ends ``failed`` with its data
+    given back and a restore leaves no output behind."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    raise Terminated(signum)
+
+
+def install_signal_handlers():
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _on_signal)
 
 
 class _UsageError(Exception):
@@ -31,7 +48,7 @@ def build_parser():
                                      description="Incremental, deduplicated snapshots of VM disk images.")
     parser.add_argument("--version", action="version", version=f"blocksnap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{init,disk,snapshot,restore,verify,gc}")
+                                metavar="{init,disk,snapshot,restore,verify,gc,repair,upgrade}")
     for mod in (repo_cmd, disk_cmd, snapshot_cmd, restore_cmd):
         mod.register(sub, common)
     return parser
@@ -63,19 +80,27 @@ def main(argv=None):
     explicit = getattr(args, "repo", None)
     repo_path = explicit or os.environ.get("BLOCKSNAP_REPO") or None
     client = None
+    install_signal_handlers()
     try:
         if not getattr(args, "needs_client", True):
             code = args.func(args, repo_path or default_repo_path())
         else:
-            client = Client(repo_path)
+            try:
+                client = Client(repo_path, maintenance=getattr(args, "maintenance", False))
+            except (errors.CatalogDamaged, errors.CatalogMissing, errors.CatalogStale) as exc:
+                if args.command != "verify":
+                    raise
+                client = Client(repo_path, maintenance=True)  # verify reports what the lost catalog affects
+                client.catalog_problem = exc
             code = args.func(args, client)
     except errors.BlocksnapError as exc:
         code = _fail(exc, args.json)
-    except lmdb.Error as exc:
-        code = _fail(map_lmdb_error(exc), args.json)
     except KeyboardInterrupt:
         print("blocksnap: interrupted", file=sys.stderr)
         code = 130
+    except Terminated as exc:
+        print(f"blocksnap: terminated by {signal.Signals(exc.signum).name}", file=sys.stderr)
+        code = 128 + exc.signum
     except BrokenPipeError:
         code = _stdout_gone()
     except Exception as exc:  # a bug: one line and the failure exit code, the traceback on request

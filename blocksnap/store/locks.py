@@ -1,9 +1,10 @@
 """Advisory file locks that die with their holder: Linux open file description locks.
 
-The repository lock: creates, restores and verifies hold it shared; gc and
-space reclamation hold it exclusive, so chunk data is only ever removed
-when no process could be about to reference it. A disk lock is held
-exclusive by the one process creating a snapshot of that disk.
+Writers: creates hold the repository lock shared; gc and the reclaim after a delete hold it exclusive,
+so no create can be about to take a reference to a chunk whose entry is being removed. A disk lock is
+held exclusive by the one process creating a snapshot of that disk. Readers (restore, verify) take
+neither: they register with :class:`ReaderEpochs`, which never makes them wait, and data is removed
+only once every reader that could still see it has finished (docs/FORMAT.md, "Locks").
 
 OFD locks (fcntl F_OFD_SETLK, Linux 3.15+) behave like flock(2): they
 belong to the open file, conflict between two opens even in one process,
@@ -28,13 +29,17 @@ def _flock_arg(kind):
 class FileLock:
     """One whole-file OFD lock on one file; a context manager that releases on exit."""
 
-    def __init__(self, path):
+    def __init__(self, path, readonly=False):
         self.path = path
+        self.readonly = readonly  # for shared locks on files that exist (read-only media)
         self._fd = None
 
     def _open(self):
         if self._fd is None:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            if self.readonly:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            else:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         return self._fd
 
     def acquire(self, exclusive, blocking=True):
@@ -72,3 +77,64 @@ def is_held(path):
     finally:
         os.close(fd)
     return _FLOCK.unpack(out)[0] != fcntl.F_UNLCK
+
+
+class ReaderEpochs:
+    """Readers that never wait, and writers that remove data only after the readers that could see it.
+
+    The catalog holds an epoch number; two lock files, ``read-0.lock`` and ``read-1.lock``, stand for
+    the epochs' parities. A reader reads the epoch e, takes ``read-{e%2}.lock`` shared without waiting
+    (a failure means a writer is draining that parity: it reads the epoch again) and only then begins
+    the reads it relies on. A writer that removes data (dead chunk entries, whole packs) does so in a
+    *flip* from epoch E to E+1:
+
+    1. drain ``read-{(E+1)%2}`` (take it exclusive, release it): readers left from epoch E-1 are gone;
+    2. one catalog transaction removes the entries, records their ranges in ``reclaim`` tagged E+1 and
+       sets the epoch to E+1; readers that start now do not see the removed entries;
+    3. drain ``read-{E%2}``: the readers that could have seen the entries are gone; punch the ranges.
+
+    A range tagged t may be given back once the epoch is past t, or it is t and ``read-{(t-1)%2}`` can be
+    drained. Readers never wait for writers; a writer waits only for readers that started before its
+    flip (or, not blocking, leaves the ranges for a later flip or gc).
+    """
+
+    NAMES = ("read-0.lock", "read-1.lock")
+
+    def __init__(self, locks_dir):
+        self.locks_dir = locks_dir
+
+    def path(self, epoch):
+        return os.path.join(self.locks_dir, self.NAMES[epoch % 2])
+
+    def ensure(self):
+        """Make both lock files (writers; init makes them, repositories upgraded from format 1 lack them)."""
+        for name in self.NAMES:
+            fd = os.open(os.path.join(self.locks_dir, name), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            os.close(fd)
+
+    def enter(self, read_epoch):
+        """Register a reader; returns the held lock (release it when done), or None where the lock files
+        do not exist and cannot be made (read-only media: nothing can remove data there).
+
+        ``read_epoch`` is a callable returning the catalog's current epoch.
+        """
+        for _ in range(1000):
+            epoch = read_epoch()
+            lock = FileLock(self.path(epoch), readonly=True)
+            try:
+                if lock.acquire(exclusive=False, blocking=False):
+                    return lock
+            except FileNotFoundError:
+                lock.release()
+                return None
+            lock.release()  # a writer drains this parity: the epoch has moved on
+        raise OSError(errno.EAGAIN, "reader epoch kept moving")
+
+    def drain(self, epoch, blocking):
+        """Wait (or only try, if not ``blocking``) until no reader holds the parity of ``epoch``.
+        Returns True when it is drained."""
+        lock = FileLock(self.path(epoch))
+        try:
+            return lock.acquire(exclusive=True, blocking=blocking)
+        finally:
+            lock.release()

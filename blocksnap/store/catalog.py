@@ -1,0 +1,722 @@
+"""The catalog: an LMDB index of the store, with every key and value encoding of it (docs/FORMAT.md, "The catalog").
+
+This module owns the catalog's data model: no other module builds a key or decodes a value. The catalog is
+an index: everything in it can be rebuilt from the store (``blocksnap.store.rebuild``), so damage to it costs a
+``blocksnap repair``, never a snapshot. It is still checked on every read, because it is what restores read:
+
+- Every value ends in an 8-byte XXH3-64 of its key and payload, so a flipped bit, a zeroed sector or a
+  value moved to another key is found on the read that would have used it.
+- Values are read as buffers into LMDB's map and their length is checked before a byte is copied, so a
+  damaged length in an LMDB page cannot make a read run off the end of the file (SIGBUS).
+- Before the environment is opened, its meta pages are read with plain ``pread`` and the file's length
+  checked against them: a truncated ``data.mdb`` is reported as damage instead of killing the process.
+- Records are named types (``ChunkEntry``, ``SegmentEntry``, ...) or JSON checked against a schema.
+
+One LMDB database holds every table, each under a one-byte key prefix (``TABLES``). Named LMDB databases
+are not used: py-lmdb opens a named database's handle in a write transaction when the environment is
+writable, so every reader would wait for any writer (LMDB's readers are otherwise lock-free). Integers are
+big-endian, so byte order is numeric order.
+"""
+import errno
+import json
+import os
+import struct
+import threading
+from typing import NamedTuple
+
+import lmdb
+
+from .. import _native, errors
+
+CATALOG_VERSION = 2
+DEFAULT_MAP_SIZE = 1 << 38  # 256 GiB of address space; the file grows only as it is used
+CHECKSUM_LEN = 8
+ID_LEN = 16
+ZERO_ID = bytes(ID_LEN)
+
+# table -> key prefix (docs/FORMAT.md, "Catalog tables")
+TABLES = {
+    "meta": b"M",        # name (ASCII)                     -> per name, below
+    "disks": b"D",       # DiskId (22)                      -> disk record (JSON)
+    "disk_paths": b"P",  # XXH3-128 of the image path (16)  -> DiskId (22)
+    "snapshots": b"S",   # SnapshotId (22)                  -> snapshot record (JSON)
+    "disk_snaps": b"N",  # DiskId (22) + Seq (u64)          -> SnapshotId (22)
+    "maps": b"m",        # SnapshotId (22)                  -> segment ids (16 each)
+    "segments": b"G",    # segment id (16)                  -> pack id (8) + offset (u64) + chunk ids (16 each)
+    "segment_refs": b"g",  # segment id (16)                -> refcount (u32)
+    "chunks": b"C",      # chunk id (16)                    -> chunk entry (32 bytes)
+    "packs": b"K",       # pack id (8)                      -> pack entry (12 bytes)
+    "reclaim": b"R",     # pack id (8) + offset (u64)       -> length (u64) + epoch (u64)
+    "tokens": b"T",      # ClientToken (ASCII, 1-64)        -> {"ParamsHash", "SnapshotId"} (JSON)
+}
+META_CATALOG = b"catalog"  # -> {"Version", "RepositoryId"} (JSON): whose index this is
+META_EPOCH = b"epoch"      # -> u64: the reader epoch (blocksnap.store.locks.ReaderEpochs)
+META_SEQ = b"seq"          # -> u64: the last snapshot sequence number
+
+U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
+# chunk entry: pack id, record offset, stored length, raw length, codec, 3 reserved, refcount
+CHUNK = struct.Struct(">8sQIIB3xI")
+SEGMENT_HEAD = struct.Struct(">8sQ")  # pack id, record offset; the chunk ids follow
+PACK = struct.Struct(">QI")  # pack size in bytes, records it holds
+RECLAIM = struct.Struct(">QQ")  # length to give back, epoch it was recorded in
+MAX_JSON = 1 << 20  # no record of ours comes near this; a longer value is damage
+MAX_SEGMENT_IDS = 256  # chunk ids in a segment (the repository's SegmentChunks)
+DISK_ID_LEN = SNAPSHOT_ID_LEN = 22
+
+
+class ChunkEntry(NamedTuple):
+    """Where a chunk is stored, and how many stored segments name it."""
+    pack_id: bytes
+    offset: int  # of its record header in the pack
+    stored_len: int  # bytes after the record header
+    raw_len: int
+    codec: int
+    refcount: int
+
+
+class SegmentEntry(NamedTuple):
+    """A chunk-map segment: its chunk ids, and where its record is in the store."""
+    pack_id: bytes
+    offset: int
+    ids: bytes
+
+
+class PackEntry(NamedTuple):
+    size: int
+    records: int
+
+
+class ReclaimEntry(NamedTuple):
+    length: int
+    epoch: int
+
+
+class TokenEntry(NamedTuple):
+    params_hash: str
+    snapshot_id: str
+
+
+# --- record schemas: what a JSON record must hold to be used --------------------------------------------
+_OPT = object()
+DISK_SCHEMA = {"DiskId": str, "DiskName": str, "Path": str, "Type": str, "Size": int, "CreationTime": str}
+SNAPSHOT_SCHEMA = {
+    "SnapshotId": str, "Seq": int, "SourceDiskId": str, "SourceDiskSize": int, "SourceDiskType": str,
+    "Status": str, "Progress": str, "CreationTime": str, "LastModifiedTime": str, "ChunkSize": int,
+    "ParentSnapshotId": (str, type(None)),
+}
+STATUSES = ("progressing", "accomplished", "failed")
+
+
+def check_record(rec, schema, what):
+    """Raise CatalogDamaged unless ``rec`` is a dict holding every field of ``schema`` with its type."""
+    if not isinstance(rec, dict):
+        raise errors.CatalogDamaged(f"({what} is not a record)")
+    for key, typ in schema.items():
+        value = rec.get(key, _OPT)
+        if value is _OPT or isinstance(value, bool) or not isinstance(value, typ):
+            raise errors.CatalogDamaged(f"({what}: field {key} is missing or of the wrong type)")
+    return rec
+
+
+def check_snapshot_record(rec, what="snapshot record"):
+    check_record(rec, SNAPSHOT_SCHEMA, what)
+    if rec["Status"] not in STATUSES or rec["SourceDiskSize"] < 0 or rec["ChunkSize"] <= 0:
+        raise errors.CatalogDamaged(f"({what}: impossible Status, size or chunk size)")
+    return rec
+
+
+def dump_json(rec):
+    """The one JSON encoding of records (catalog values and store objects): UTF-8, compact, keys sorted."""
+    return json.dumps(rec, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def load_json(raw, what):
+    try:
+        return json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise errors.CatalogDamaged(f"({what} is not valid JSON text: {exc})") from None
+
+
+def path_key(path):
+    """The disk_paths key of an image path: its XXH3-128 (paths of any length fit)."""
+    return _native.hash128(path.encode("utf-8", "surrogateescape"))
+
+
+def _seal(key, payload):
+    return payload + _native.hash64(key + payload)
+
+
+# --- the environment --------------------------------------------------------------------------------------
+class _Env:
+    def __init__(self, env, identity, writable):
+        self.env = env
+        self.identity = identity
+        self.writable = writable
+        self.users = 0
+
+
+_envs = {}  # realpath -> _Env: one environment per file per process (LMDB forbids two)
+_envs_lock = threading.Lock()
+
+
+def _identity(path):
+    try:
+        st = os.stat(os.path.join(path, "data.mdb"))
+    except FileNotFoundError:
+        raise errors.CatalogMissing(f"({path}/data.mdb does not exist)") from None
+    except OSError as exc:
+        raise errors.RepositoryError(f"(cannot read the catalog {path}: {exc.strerror})") from None
+    return (st.st_dev, st.st_ino)
+
+
+def check_data_file(path):
+    """Check ``data.mdb`` against its own meta pages before LMDB maps it.
+
+    LMDB keeps two meta pages (pages 0 and 1); the one with the larger transaction id is current and
+    names the last page in use. A file shorter than that page (truncated, or a damaged meta page) would
+    be mapped anyway and kill the process with SIGBUS at the first read past its end. Layout
+    (lmdb ``MDB_meta`` after the 16-byte page header, 64-bit builds): magic u32 0xBEEFC0DE, version u32,
+    address, mapsize, two ``MDB_db`` of 48 bytes (the first one's first u32 is the page size),
+    last page number u64, transaction id u64.
+    """
+    data = os.path.join(path, "data.mdb")
+    try:
+        with open(data, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = os.pread(f.fileno(), 4096 + 160, 0)
+            psize = struct.unpack_from("<I", head, 40)[0] if len(head) >= 44 else 0
+            if psize not in (4096, 8192, 16384, 32768, 65536):
+                psize = 4096
+            second = os.pread(f.fileno(), 160, psize)
+    except FileNotFoundError:
+        raise errors.CatalogMissing(f"({data} does not exist)") from None
+    except OSError as exc:
+        raise errors.RepositoryError(f"(cannot read {data}: {exc.strerror})") from None
+    best = None
+    for page in (head[:160], second):
+        if len(page) < 152:
+            continue
+        magic, version = struct.unpack_from("<II", page, 16)
+        last_pg, txnid = struct.unpack_from("<QQ", page, 136)
+        if magic == 0xBEEFC0DE and version == 1 and (best is None or txnid > best[1]):
+            best = (last_pg, txnid)
+    if best is None:
+        raise errors.CatalogDamaged(f"({data} has no valid LMDB meta page)")
+    if (best[0] + 1) * psize > size:
+        raise errors.CatalogDamaged(f"({data} is {size} bytes but its meta page names page {best[0]}: "
+                                    "the file was truncated)")
+
+
+def _open_env(path, writable):
+    """A new lmdb.Environment for ``path``, read-only where it cannot be written."""
+    check_data_file(path)
+    map_size = int(os.environ.get("BLOCKSNAP_MAP_SIZE", DEFAULT_MAP_SIZE))
+    opts = dict(map_size=map_size, max_dbs=0, subdir=True, create=False, readahead=False, max_readers=256)
+    try:
+        if writable:
+            return lmdb.open(path, **opts), True
+        try:
+            return lmdb.open(path, readonly=True, **opts), False
+        except lmdb.Error as exc:
+            # Read-only media: LMDB cannot open lock.mdb for its reader table. Nobody can write the
+            # catalog through this mount, so reading it without locks is what LMDB's MDB_NOLOCK is for
+            # (a writer through another mount is the caller's risk; every value is still checked).
+            if getattr(exc, "errno", None) not in (errno.EACCES, errno.EROFS, errno.EPERM) and \
+                    "Read-only" not in str(exc) and "Permission" not in str(exc):
+                raise
+            return lmdb.open(path, readonly=True, lock=False, **opts), False
+    except lmdb.Error as exc:
+        raise errors.translate(exc, f"catalog {path}") from exc
+
+
+def acquire_env(path, writable=True):
+    """The process's environment for the catalog at ``path``; release it with :func:`release_env`.
+
+    One environment per file per process (LMDB forbids opening one twice). If the file at ``path`` is no
+    longer the one the cached environment maps (the repository was removed and made anew, or repaired),
+    a new environment is opened for the new file.
+    """
+    key = os.path.realpath(path)
+    ident = _identity(key)
+    with _envs_lock:
+        ent = _envs.get(key)
+        if ent is not None and (ent.identity != ident or (writable and not ent.writable)):
+            del _envs[key]
+            if ent.users == 0:
+                ent.env.close()
+            ent = None
+        if ent is None:
+            env, w = _open_env(key, writable)
+            ent = _envs[key] = _Env(env, ident, w)
+        ent.users += 1
+        return ent
+
+
+def release_env(ent):
+    with _envs_lock:
+        ent.users -= 1
+        if ent.users > 0:
+            return
+        key = next((k for k, v in _envs.items() if v is ent), None)
+        if key is not None:
+            del _envs[key]
+        ent.env.close()
+
+
+def close_env(path):
+    """Close and forget the environment of ``path`` whatever its users (tests, forked children)."""
+    key = os.path.realpath(path)
+    with _envs_lock:
+        ent = _envs.pop(key, None)
+    if ent is not None:
+        ent.env.close()
+
+
+def open_envs():
+    """Paths of the environments open in this process (tests)."""
+    with _envs_lock:
+        return list(_envs)
+
+
+def create(path, repository_id):
+    """Make a new, empty catalog directory at ``path`` (init, rebuild): only its meta records."""
+    os.makedirs(path, exist_ok=False)
+    env = lmdb.open(path, map_size=int(os.environ.get("BLOCKSNAP_MAP_SIZE", DEFAULT_MAP_SIZE)), max_dbs=0,
+                    subdir=True, create=True, readahead=False)
+    try:
+        with env.begin(write=True) as txn:
+            t = Txn(txn, True)
+            t.put_meta_json(META_CATALOG, {"Version": CATALOG_VERSION, "RepositoryId": repository_id})
+            t.put_meta_u64(META_EPOCH, 0)
+            t.put_meta_u64(META_SEQ, 0)
+        env.sync(True)
+    finally:
+        env.close()
+
+
+class Catalog:
+    """The catalog of one repository. ``read()`` and ``write()`` give transactions (:class:`Txn`)."""
+
+    def __init__(self, path, repository_id=None, writable=True):
+        self.path = path
+        self._ent = acquire_env(path, writable)
+        self.writable = self._ent.writable
+        self.repository_id = repository_id
+        if repository_id is not None:
+            with self.read() as t:
+                info = t.meta_json(META_CATALOG)
+            if (info is None or info.get("Version") != CATALOG_VERSION
+                    or info.get("RepositoryId") != repository_id):
+                self.close()
+                raise errors.CatalogStale(f"({path} is not a version-{CATALOG_VERSION} index of this repository)")
+
+    @property
+    def env(self):
+        return self._ent.env
+
+    def current(self):
+        """False if the catalog file was replaced since this Catalog was opened (a repair, say)."""
+        try:
+            return _identity(os.path.realpath(self.path)) == self._ent.identity
+        except errors.BlocksnapError:
+            return False
+
+    def read(self):
+        """A read transaction: never waits for a writer, never writes."""
+        return _TxnContext(self, write=False)
+
+    def write(self):
+        if not self.writable:
+            raise errors.RepositoryReadOnly(f"({self.path})")
+        return _TxnContext(self, write=True)
+
+    def close(self):
+        if self._ent is not None:
+            release_env(self._ent)
+            self._ent = None
+
+
+class _TxnContext:
+    def __init__(self, catalog, write):
+        self.catalog = catalog
+        self.write = write
+        self.txn = None
+
+    def __enter__(self):
+        try:
+            self.txn = self.catalog.env.begin(write=self.write, buffers=True)
+        except lmdb.Error as exc:
+            raise errors.translate(exc, "catalog") from exc
+        return Txn(self.txn, self.write)
+
+    def __exit__(self, typ, exc, tb):
+        txn, self.txn = self.txn, None
+        if typ is not None:
+            txn.abort()
+            if isinstance(exc, lmdb.Error):
+                raise errors.translate(exc, "catalog", path=self.catalog.path) from exc
+            return False
+        try:
+            txn.commit()
+        except lmdb.Error as exc:
+            raise errors.translate(exc, "catalog commit", path=self.catalog.path) from exc
+        return False
+
+
+class Txn:
+    """Typed access to the catalog's tables inside one LMDB transaction. Every read is checked."""
+
+    def __init__(self, txn, write):
+        self._t = txn
+        self.write = write
+
+    # --- raw access with checks -----------------------------------------------------------------
+    def _get(self, key, max_len, what):
+        raw = self._t.get(key)
+        if raw is None:
+            return None
+        return self._open(key, raw, max_len, what)
+
+    @staticmethod
+    def _open(key, raw, max_len, what):
+        n = len(raw)  # a memoryview into the map: its length is read without touching the bytes
+        if n < CHECKSUM_LEN or n > max_len + CHECKSUM_LEN:
+            raise errors.CatalogDamaged(f"({what}: a value of {n} bytes)")
+        data = bytes(raw)
+        payload = data[:-CHECKSUM_LEN]
+        if _native.hash64(key + payload) != data[-CHECKSUM_LEN:]:
+            raise errors.CatalogDamaged(f"({what} fails its checksum)")
+        return payload
+
+    def _put(self, key, payload, overwrite=True):
+        return self._t.put(key, _seal(key, payload), overwrite=overwrite)
+
+    def _delete(self, key):
+        return self._t.delete(key)
+
+    def _scan(self, prefix, start=b""):
+        """``(key, raw value)`` of every key beginning with ``prefix`` (from ``prefix + start``), in order."""
+        with self._t.cursor() as cur:
+            if not cur.set_range(prefix + start):
+                return
+            for key, raw in cur:
+                key = bytes(key)
+                if not key.startswith(prefix):
+                    break
+                yield key, raw
+
+    def count(self, table):
+        """Entries of a table (a scan: for tests and reports)."""
+        return sum(1 for _ in self._scan(TABLES[table]))
+
+    def keys(self, table):
+        """The keys of a table without their prefix, unchecked values (tests and the raw dump)."""
+        prefix = TABLES[table]
+        return [k[len(prefix):] for k, _ in self._scan(prefix)]
+
+    # --- meta -----------------------------------------------------------------------------------
+    def meta_json(self, name):
+        key = TABLES["meta"] + name
+        raw = self._get(key, MAX_JSON, f"catalog meta {name.decode()}")
+        return None if raw is None else load_json(raw, f"catalog meta {name.decode()}")
+
+    def put_meta_json(self, name, value):
+        self._put(TABLES["meta"] + name, dump_json(value))
+
+    def meta_u64(self, name):
+        raw = self._get(TABLES["meta"] + name, 8, f"catalog meta {name.decode()}")
+        if raw is None:
+            return 0
+        if len(raw) != 8:
+            raise errors.CatalogDamaged(f"(catalog meta {name.decode()} has {len(raw)} bytes)")
+        return U64.unpack(raw)[0]
+
+    def put_meta_u64(self, name, value):
+        self._put(TABLES["meta"] + name, U64.pack(value))
+
+    def next_seq(self):
+        value = self.meta_u64(META_SEQ) + 1
+        self.put_meta_u64(META_SEQ, value)
+        return value
+
+    def epoch(self):
+        return self.meta_u64(META_EPOCH)
+
+    # --- disks ----------------------------------------------------------------------------------
+    def disk(self, disk_id):
+        """The disk record of ``disk_id``, or None."""
+        key = TABLES["disks"] + disk_id.encode("ascii")
+        raw = self._get(key, MAX_JSON, f"disk record {disk_id}")
+        if raw is None:
+            return None
+        rec = check_record(load_json(raw, f"disk record {disk_id}"), DISK_SCHEMA, f"disk record {disk_id}")
+        if rec["DiskId"] != disk_id:
+            raise errors.CatalogDamaged(f"(disk record {disk_id} names {rec['DiskId']!r})")
+        return rec
+
+    def disks(self):
+        prefix = TABLES["disks"]
+        for key, _ in self._scan(prefix):
+            yield self.disk(key[len(prefix):].decode("ascii", "replace"))
+
+    def put_disk(self, rec):
+        self._put(TABLES["disks"] + rec["DiskId"].encode("ascii"), dump_json(rec))
+
+    def disk_id_of_path(self, path):
+        key = TABLES["disk_paths"] + path_key(path)
+        raw = self._get(key, DISK_ID_LEN, "disk path entry")
+        return None if raw is None else raw.decode("ascii", "replace")
+
+    def put_disk_path(self, path, disk_id):
+        self._put(TABLES["disk_paths"] + path_key(path), disk_id.encode("ascii"))
+
+    # --- snapshots ------------------------------------------------------------------------------
+    def snapshot(self, snapshot_id):
+        """The snapshot record of ``snapshot_id`` as stored (dead creators not settled), or None."""
+        key = TABLES["snapshots"] + snapshot_id.encode("ascii")
+        raw = self._get(key, MAX_JSON, f"snapshot record {snapshot_id}")
+        if raw is None:
+            return None
+        rec = check_snapshot_record(load_json(raw, f"snapshot record {snapshot_id}"),
+                                    f"snapshot record {snapshot_id}")
+        if rec["SnapshotId"] != snapshot_id:
+            raise errors.CatalogDamaged(f"(snapshot record {snapshot_id} names {rec['SnapshotId']!r})")
+        return rec
+
+    def snapshot_ids(self):
+        prefix = TABLES["snapshots"]
+        return [key[len(prefix):].decode("ascii", "replace") for key, _ in self._scan(prefix)]
+
+    def snapshots(self):
+        for sid in self.snapshot_ids():
+            yield self.snapshot(sid)
+
+    def put_snapshot(self, rec):
+        self._put(TABLES["snapshots"] + rec["SnapshotId"].encode("ascii"), dump_json(rec))
+
+    def delete_snapshot(self, rec):
+        sid = rec["SnapshotId"].encode("ascii")
+        self._delete(TABLES["snapshots"] + sid)
+        self._delete(TABLES["maps"] + sid)
+        self._delete(TABLES["disk_snaps"] + rec["SourceDiskId"].encode("ascii") + U64.pack(rec["Seq"]))
+
+    def put_disk_snap(self, disk_id, seq, snapshot_id):
+        self._put(TABLES["disk_snaps"] + disk_id.encode("ascii") + U64.pack(seq), snapshot_id.encode("ascii"))
+
+    def disk_snapshot_ids(self, disk_id, reverse=False):
+        """The SnapshotIds of one disk in creation order (newest first with ``reverse``)."""
+        prefix = TABLES["disk_snaps"] + disk_id.encode("ascii")
+        out = []
+        for key, raw in self._scan(prefix):
+            sid = self._open(key, raw, SNAPSHOT_ID_LEN, f"snapshot order entry of {disk_id}")
+            out.append(sid.decode("ascii", "replace"))
+        return out[::-1] if reverse else out
+
+    # --- maps and segments ----------------------------------------------------------------------
+    def snapshot_map(self, snapshot_id, segments):
+        """The segment ids (16 bytes each) of an accomplished snapshot's map; ``segments`` is how many
+        it must have (from its size and chunk size). None if there is no map."""
+        key = TABLES["maps"] + snapshot_id.encode("ascii")
+        raw = self._get(key, ID_LEN * segments, f"chunk map of {snapshot_id}")
+        if raw is not None and len(raw) != ID_LEN * segments:
+            raise errors.CatalogDamaged(f"(chunk map of {snapshot_id} has {len(raw) // ID_LEN} segments, "
+                                        f"its size needs {segments})")
+        return raw
+
+    def snapshot_map_unsized(self, snapshot_id, max_segments):
+        """The segment ids of a map whose record is unreadable (verify): any length up to ``max_segments``."""
+        key = TABLES["maps"] + snapshot_id.encode("ascii")
+        raw = self._get(key, ID_LEN * max_segments, f"chunk map of {snapshot_id}")
+        if raw is not None and len(raw) % ID_LEN:
+            raise errors.CatalogDamaged(f"(chunk map of {snapshot_id} is not a list of ids)")
+        return raw
+
+    def map_ids(self):
+        prefix = TABLES["maps"]
+        return [key[len(prefix):].decode("ascii", "replace") for key, _ in self._scan(prefix)]
+
+    def put_snapshot_map(self, snapshot_id, seg_ids):
+        self._put(TABLES["maps"] + snapshot_id.encode("ascii"), bytes(seg_ids))
+
+    def segment(self, seg_id):
+        """The segment ``seg_id`` (its content checked against its id), or None."""
+        key = TABLES["segments"] + seg_id
+        raw = self._get(key, SEGMENT_HEAD.size + ID_LEN * MAX_SEGMENT_IDS, f"map segment {seg_id.hex()}")
+        if raw is None:
+            return None
+        ids = raw[SEGMENT_HEAD.size:]
+        if len(raw) < SEGMENT_HEAD.size + ID_LEN or len(ids) % ID_LEN or _native.hash128(ids) != seg_id:
+            raise errors.CatalogDamaged(f"(map segment {seg_id.hex()} does not hash to its id)")
+        pack_id, offset = SEGMENT_HEAD.unpack_from(raw)
+        return SegmentEntry(pack_id, offset, ids)
+
+    def has_segment(self, seg_id):
+        return self._t.get(TABLES["segments"] + seg_id) is not None
+
+    def put_segment(self, seg_id, entry, overwrite=True):
+        return self._put(TABLES["segments"] + seg_id, SEGMENT_HEAD.pack(entry.pack_id, entry.offset) + entry.ids,
+                         overwrite=overwrite)
+
+    def delete_segment(self, seg_id):
+        self._delete(TABLES["segments"] + seg_id)
+        self._delete(TABLES["segment_refs"] + seg_id)
+
+    def segment_ids(self):
+        prefix = TABLES["segments"]
+        return [key[len(prefix):] for key, _ in self._scan(prefix)]
+
+    def segment_refs(self, seg_id):
+        raw = self._get(TABLES["segment_refs"] + seg_id, 4, f"refcount of map segment {seg_id.hex()}")
+        if raw is None:
+            return 0
+        if len(raw) != 4:
+            raise errors.CatalogDamaged(f"(refcount of map segment {seg_id.hex()} has {len(raw)} bytes)")
+        return U32.unpack(raw)[0]
+
+    def set_segment_refs(self, seg_id, refs):
+        self._put(TABLES["segment_refs"] + seg_id, U32.pack(refs))
+
+    def segment_ref_items(self):
+        """``(segment id, refcount)`` of every refcount entry."""
+        prefix = TABLES["segment_refs"]
+        for key, raw in self._scan(prefix):
+            val = self._open(key, raw, 4, f"refcount of map segment {key[1:].hex()}")
+            if len(val) != 4:
+                raise errors.CatalogDamaged(f"(refcount of map segment {key[1:].hex()} has {len(val)} bytes)")
+            yield key[len(prefix):], U32.unpack(val)[0]
+
+    # --- chunks ---------------------------------------------------------------------------------
+    def chunk(self, chunk_id):
+        """The chunk entry of ``chunk_id``, or None."""
+        key = TABLES["chunks"] + chunk_id
+        raw = self._get(key, CHUNK.size, f"chunk entry {chunk_id.hex()}")
+        return None if raw is None else self._chunk(raw, chunk_id)
+
+    @staticmethod
+    def _chunk(raw, chunk_id):
+        if len(raw) != CHUNK.size:
+            raise errors.CatalogDamaged(f"(chunk entry {chunk_id.hex()} has {len(raw)} bytes)")
+        return ChunkEntry(*CHUNK.unpack(raw))
+
+    def has_chunk(self, chunk_id):
+        """True if the index names ``chunk_id`` (unchecked: dedup asks this of every changed chunk, and
+        every later use of the entry checks it)."""
+        return self._t.get(TABLES["chunks"] + chunk_id) is not None
+
+    def chunks(self):
+        """``(chunk id, ChunkEntry)`` of every chunk entry."""
+        prefix = TABLES["chunks"]
+        for key, raw in self._scan(prefix):
+            cid = key[len(prefix):]
+            yield cid, self._chunk(self._open(key, raw, CHUNK.size, f"chunk entry {cid.hex()}"), cid)
+
+    def put_chunk(self, chunk_id, entry, overwrite=True):
+        return self._put(TABLES["chunks"] + chunk_id, CHUNK.pack(*entry), overwrite=overwrite)
+
+    def delete_chunk(self, chunk_id):
+        self._delete(TABLES["chunks"] + chunk_id)
+
+    def add_chunk_ref(self, chunk_id, delta):
+        """Add ``delta`` to a chunk's refcount; returns the new count. The chunk must be indexed."""
+        entry = self.chunk(chunk_id)
+        if entry is None:
+            raise errors.CatalogDamaged(f"(chunk {chunk_id.hex()} is referenced but not in the index)")
+        rc = entry.refcount + delta
+        if rc < 0:
+            raise errors.CatalogDamaged(f"(chunk {chunk_id.hex()}: refcount below zero)")
+        self.put_chunk(chunk_id, entry._replace(refcount=rc))
+        return rc
+
+    # --- packs and reclaim ----------------------------------------------------------------------
+    def pack(self, pack_id):
+        raw = self._get(TABLES["packs"] + pack_id, PACK.size, f"pack entry {pack_id.hex()}")
+        if raw is None:
+            return None
+        if len(raw) != PACK.size:
+            raise errors.CatalogDamaged(f"(pack entry {pack_id.hex()} has {len(raw)} bytes)")
+        return PackEntry(*PACK.unpack(raw))
+
+    def packs(self):
+        prefix = TABLES["packs"]
+        for key, _ in self._scan(prefix):
+            pid = key[len(prefix):]
+            yield pid, self.pack(pid)
+
+    def put_pack(self, pack_id, entry):
+        self._put(TABLES["packs"] + pack_id, PACK.pack(*entry))
+
+    def delete_pack(self, pack_id):
+        self._delete(TABLES["packs"] + pack_id)
+
+    def put_reclaim(self, pack_id, offset, length, epoch):
+        self._put(TABLES["reclaim"] + pack_id + U64.pack(offset), RECLAIM.pack(length, epoch))
+
+    def reclaims(self):
+        """``(pack id, offset, ReclaimEntry)`` of every range waiting to be given back."""
+        prefix = TABLES["reclaim"]
+        for key, raw in self._scan(prefix):
+            val = self._open(key, raw, RECLAIM.size, "reclaim entry")
+            if len(val) != RECLAIM.size or len(key) != 17:
+                raise errors.CatalogDamaged("(a reclaim entry of the wrong size)")
+            yield key[1:9], U64.unpack(key[9:])[0], ReclaimEntry(*RECLAIM.unpack(val))
+
+    def delete_reclaim(self, pack_id, offset):
+        self._delete(TABLES["reclaim"] + pack_id + U64.pack(offset))
+
+    # --- tokens ---------------------------------------------------------------------------------
+    def token(self, token):
+        key = TABLES["tokens"] + token.encode("ascii")
+        raw = self._get(key, MAX_JSON, f"ClientToken {token!r}")
+        if raw is None:
+            return None
+        rec = load_json(raw, f"ClientToken {token!r}")
+        if not isinstance(rec, dict) or not isinstance(rec.get("SnapshotId"), str) \
+                or not isinstance(rec.get("ParamsHash"), str):
+            raise errors.CatalogDamaged(f"(ClientToken {token!r}: not a token record)")
+        return TokenEntry(rec["ParamsHash"], rec["SnapshotId"])
+
+    def tokens(self):
+        prefix = TABLES["tokens"]
+        for key, _ in self._scan(prefix):
+            tok = key[len(prefix):].decode("ascii", "replace")
+            yield tok, self.token(tok)
+
+    def put_token(self, token, entry):
+        self._put(TABLES["tokens"] + token.encode("ascii"),
+                  dump_json({"ParamsHash": entry.params_hash, "SnapshotId": entry.snapshot_id}))
+
+    def delete_token(self, token):
+        self._delete(TABLES["tokens"] + token.encode("ascii"))
+
+    # --- damage-tolerant walks (verify) ---------------------------------------------------------
+    def chunk_items(self, on_damage):
+        """``(chunk id, ChunkEntry)`` of every good chunk entry; ``on_damage(chunk id, exc)`` for the others."""
+        prefix = TABLES["chunks"]
+        for key, raw in self._scan(prefix):
+            cid = key[len(prefix):]
+            try:
+                yield cid, self._chunk(self._open(key, raw, CHUNK.size, f"chunk entry {cid.hex()}"), cid)
+            except errors.CatalogDamaged as exc:
+                on_damage(cid, exc)
+
+    def segment_items(self, on_damage):
+        """``(segment id, SegmentEntry)`` of every good segment; ``on_damage(segment id, exc)`` for the others."""
+        for sid in self.segment_ids():
+            try:
+                yield sid, self.segment(sid)
+            except errors.CatalogDamaged as exc:
+                on_damage(sid, exc)
+
+    # --- the whole keyspace (verify) ------------------------------------------------------------
+    def raw_items(self):
+        """``(table or None, key, raw value)`` of every key in the catalog, in key order."""
+        by_prefix = {p: name for name, p in TABLES.items()}
+        with self._t.cursor() as cur:
+            for key, raw in cur:
+                key = bytes(key)
+                yield by_prefix.get(key[:1]), key, raw
+
+    def check_raw(self, key, raw):
+        """Check one raw value's length and checksum (verify's walk over the keyspace)."""
+        self._open(key, raw, MAX_JSON + ID_LEN * (1 << 24), f"catalog key {key[:1]!r}")

@@ -1,0 +1,413 @@
+"""``blocksnap repair``: rebuild the catalog from the store (docs/FORMAT.md, "Rebuilding the catalog").
+
+The store holds everything the catalog indexes: a disk object per disk, a snapshot object per
+accomplished snapshot (its record and its map's segment ids), and packs whose trailers list their
+records (chunks and map segments). The rebuild:
+
+1. takes the exclusive repository lock (no create runs, no gc);
+2. salvages from the old catalog, if it can still be read, what the store lacks: snapshot and disk
+   objects that are missing or damaged in the store are written anew from the catalog's checked copies,
+   map segments whose records are missing or damaged are written into a new pack, and ``failed``
+   records (which live only in the catalog) are carried over;
+3. builds a new catalog beside the old one: every record that a readable trailer lists is indexed (a
+   chunk stored twice is indexed where its record checks out), the segments of every snapshot object
+   are read from their records and checked against their ids, and every count is derived from them;
+4. swaps the new catalog in (two renames; a crash between them leaves no catalog, and running repair
+   again finishes the work).
+
+A snapshot that cannot be rebuilt (a map segment lost from both the store and the old catalog) is
+reported and left out; its object stays in the store for a later look.
+"""
+import os
+import shutil
+
+from .. import _native, errors
+from . import catalog as catalogs
+from . import objects, refs
+from .catalog import ChunkEntry, PackEntry, SegmentEntry, TokenEntry, ZERO_ID
+from .layout import crashpoint
+from .packs import CODEC_RAW, KIND_CHUNK, KIND_SEGMENT, RECORD, read_trailer
+
+DISK_FIELDS = ("DiskId", "DiskName", "Path", "Type", "Size", "CreationTime")
+
+
+def _salvage(repo, report):
+    """What the old catalog still holds, checked: ``(snapshots, failed, disks, segments, epoch)``."""
+    path = os.path.join(repo.path, "catalog")
+    snaps, failed, disks, segs, epoch = {}, [], {}, {}, 0
+    try:
+        old = catalogs.Catalog(path, None, writable=False)
+    except errors.BlocksnapError as exc:
+        report["OldCatalog"] = f"unusable: {exc}"
+        return snaps, failed, disks, segs, epoch
+    try:
+        with old.read() as txn:
+            try:
+                epoch = txn.epoch()
+            except errors.BlocksnapError:
+                pass
+            for sid in _safe(txn.snapshot_ids, []):
+                try:
+                    rec = txn.snapshot(sid)
+                    if rec["Status"] == "accomplished":
+                        seg_ids = refs.map_of(txn, rec)
+                        snaps[sid] = (rec, seg_ids)
+                        for s in refs.split_ids(seg_ids):
+                            if s != ZERO_ID and s not in segs:
+                                try:
+                                    seg = txn.segment(s)
+                                except errors.BlocksnapError:
+                                    seg = None
+                                if seg is not None:
+                                    segs[s] = seg.ids
+                    else:
+                        failed.append(rec)
+                except errors.BlocksnapError:
+                    continue
+            for did in _safe(lambda: [k.decode("ascii", "replace") for k in txn.keys("disks")], []):
+                try:
+                    rec = txn.disk(did)
+                except errors.BlocksnapError:
+                    continue
+                if rec is not None:
+                    disks[did] = rec
+        report["OldCatalog"] = "read"
+    except errors.BlocksnapError as exc:
+        report["OldCatalog"] = f"partly read: {exc}"
+    finally:
+        old.close()
+    return snaps, failed, disks, segs, epoch
+
+
+def recover_swap(path):
+    """Clear what an interrupted rebuild left: a killed swap (no ``catalog``, the old one beside it) gets
+    the old one back, so that it can still be salvaged; half-built catalogs go."""
+    live = os.path.join(path, "catalog")
+    names = sorted(os.listdir(path))
+    if not os.path.exists(live):
+        for name in names:
+            if name.startswith("catalog.old-"):
+                os.rename(os.path.join(path, name), live)
+                break
+    for name in names:
+        if name.startswith(("catalog.rebuild-", "catalog.old-")) and os.path.exists(os.path.join(path, name)):
+            shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+
+
+def _safe(fn, default):
+    try:
+        return fn()
+    except errors.BlocksnapError:
+        return default
+
+
+def repair(repo, progress=None, on_wait=None):
+    """Rebuild the catalog from the store; returns a report.
+
+    Returns:
+        dict: ``Snapshots`` (rebuilt), ``Disks``, ``Chunks``, ``Segments``, ``FailedRecords`` (carried over),
+        ``ObjectsRewritten``, ``SegmentsRewritten``, ``Lost``: ``[{"SnapshotId", "Problem"}]`` that could not
+        be rebuilt, ``Problems``.
+    Raises:
+        RepositoryReadOnly, RepositoryError.
+    """
+    repo.require_writable()
+    lock = repo.lock_exclusive(on_wait)
+    try:
+        return _repair(repo, progress)
+    except OSError as exc:
+        raise errors.translate(exc, "repair") from exc
+    finally:
+        lock.release()
+
+
+def _repair(repo, progress):
+    report = {"ObjectsRewritten": 0, "SegmentsRewritten": 0, "Lost": [], "Problems": []}
+    recover_swap(repo.path)
+    for kind in ("snapshots", "disks"):
+        repo.backend.clear_temporaries(kind)
+    repo.epochs.ensure()
+    if repo.catalog is not None:
+        repo.catalog.close()
+        repo.catalog = None
+    old_snaps, old_failed, old_disks, old_segs, old_epoch = _salvage(repo, report)
+    backend = repo.backend
+
+    # --- the store's objects, mended from the old catalog where it has a good copy ---------------------
+    stored = {}
+    for sid in backend.list_objects("snapshots"):
+        try:
+            got = objects.decode_snapshot(sid, backend.get_object("snapshots", sid))
+        except errors.StoreDamaged as exc:
+            got = None
+            if sid not in old_snaps:
+                report["Lost"].append({"SnapshotId": sid, "Problem": f"its object is damaged ({exc.detail}) and "
+                                                                       "the catalog has no copy"})
+        if got is not None:
+            stored[sid] = got
+    for sid, (rec, seg_ids) in old_snaps.items():
+        if stored.get(sid) != (rec, seg_ids):
+            backend.put_object("snapshots", sid, objects.encode_snapshot(rec, seg_ids))
+            stored[sid] = (rec, seg_ids)
+            report["ObjectsRewritten"] += 1
+    disks = {}
+    for did in backend.list_objects("disks"):
+        try:
+            rec = objects.decode_disk(did, backend.get_object("disks", did))
+        except errors.StoreDamaged:
+            rec = None
+        if rec is not None:
+            disks[did] = rec
+    for did, rec in old_disks.items():
+        if did not in disks:
+            obj = {k: rec[k] for k in DISK_FIELDS}
+            backend.put_object("disks", did, objects.encode_disk(obj))
+            disks[did] = obj
+            report["ObjectsRewritten"] += 1
+
+    build = build_catalog(repo, report, stored, disks, old_failed, old_segs, old_epoch)
+    swap_in(repo, build)
+    return report
+
+
+def build_catalog(repo, report, stored, disks, old_failed=(), old_segs=None, old_epoch=0, min_seq=0):
+    """Build a new catalog beside the live one from the store's objects and packs; returns its directory.
+
+    Args:
+        stored: ``{SnapshotId: (record, segment ids)}`` of the snapshot objects to index.
+        disks: ``{DiskId: record}`` of the disk objects.
+        old_failed: failed (or dead progressing) records to carry over.
+        old_segs: ``{segment id: ids}`` good copies to write anew where the store lost a segment's record.
+        old_epoch: the old catalog's reader epoch; min_seq: the lowest snapshot sequence to continue from.
+    """
+    build = os.path.join(repo.path, f"catalog.rebuild-{os.urandom(4).hex()}")
+    catalogs.create(build, repo.repository_id)
+    new = catalogs.Catalog(build, repo.repository_id)
+    try:
+        seg_locs, dups, packs = _index_packs(repo, new, report)
+        needed = set()
+        for rec, seg_ids in stored.values():
+            needed.update(s for s in refs.split_ids(seg_ids) if s != ZERO_ID)
+        segments = _read_segments(repo, needed, seg_locs, old_segs or {}, report, new)
+        _settle_duplicates(repo, new, segments, dups)
+        _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, min_seq)
+        report["Packs"] = packs
+        new.env.sync(True)
+    except BaseException:
+        new.close()
+        catalogs.close_env(build)
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    new.close()
+    catalogs.close_env(build)
+    return build
+
+
+def swap_in(repo, build, between=None):
+    """Put the catalog built at ``build`` in place of the live one (two renames; ``between`` runs after
+    them, before the old one is removed: the upgrade writes the new config there)."""
+    from .backend import fsync_dir
+
+    crashpoint("repair-before-swap")
+    live = os.path.join(repo.path, "catalog")
+    old = os.path.join(repo.path, f"catalog.old-{os.urandom(4).hex()}")
+    catalogs.close_env(live)
+    if os.path.exists(live):
+        os.rename(live, old)
+    crashpoint("repair-mid-swap")
+    os.rename(build, live)
+    fsync_dir(repo.path)
+    if between is not None:
+        between()
+    shutil.rmtree(old, ignore_errors=True)
+    repo.catalog = catalogs.Catalog(live, repo.repository_id)
+
+
+def _index_packs(repo, new, report):
+    """Index every record the packs' trailers list: chunks at refcount 0 (counted later), segments'
+    locations. Returns ``(segment locations, duplicate chunk locations, packs read)``."""
+    seg_locs = {}  # segment id -> [(pack id, Record)]
+    dups = {}  # chunk id -> [(pack id, Record)] beyond the indexed one
+    packs = 0
+    pack_list = sorted(repo.backend.list_packs())
+    batch = []
+
+    def flush():
+        with new.write() as txn:
+            for pack_id, size, records in batch:
+                txn.put_pack(pack_id, PackEntry(size, len(records)))
+                for r in records:
+                    if r.kind == KIND_CHUNK:
+                        entry = ChunkEntry(pack_id, r.offset, r.stored_len, r.raw_len, r.codec, 0)
+                        if not txn.put_chunk(r.id, entry, overwrite=False):
+                            dups.setdefault(r.id, []).append((pack_id, r))
+        batch.clear()
+
+    for pack_id in pack_list:
+        try:
+            records = read_trailer(repo.backend, pack_id)
+            size = repo.backend.pack_size(pack_id)
+        except (errors.RepositoryDamaged, OSError) as exc:
+            report["Problems"].append({"What": f"pack {pack_id.hex()}", "Problem": f"not indexed: {exc}"})
+            continue
+        packs += 1
+        for r in records:
+            if r.kind == KIND_SEGMENT:
+                seg_locs.setdefault(r.id, []).append((pack_id, r))
+        batch.append((pack_id, size, records))
+        if sum(len(b[2]) for b in batch) >= 65536:
+            flush()
+    flush()
+    return seg_locs, dups, packs
+
+
+def _read_segments(repo, needed, seg_locs, old_segs, report, new):
+    """``{segment id: (pack id, offset, ids)}`` for the needed segments: read from their records and
+    checked against their ids; written anew from the old catalog where the store lost them."""
+    out = {}
+    missing = []
+    for sid in sorted(needed):
+        for pack_id, r in seg_locs.get(sid, []):
+            if r.codec != CODEC_RAW or r.stored_len != r.raw_len or r.raw_len % 16 or not r.raw_len:
+                continue
+            try:
+                data = repo.backend.read_pack(pack_id, r.offset, RECORD.size + r.stored_len)
+            except OSError:
+                continue
+            head = RECORD.unpack_from(data) if len(data) >= RECORD.size else None
+            ids = data[RECORD.size:]
+            if head and head[0] == b"BSCK" and head[2] == KIND_SEGMENT and head[5] == sid \
+                    and len(ids) == r.stored_len and _native.hash128(ids) == sid:
+                out[sid] = (pack_id, r.offset, ids)
+                break
+        else:
+            missing.append(sid)
+    rescued = [s for s in missing if s in old_segs]
+    if rescued:
+        writer = repo.packs.writer()
+        try:
+            for sid in rescued:
+                offset, full = writer.add_segment(sid, old_segs[sid])
+                out[sid] = (writer.current, offset, old_segs[sid])
+                if full:
+                    _seal(repo, writer, new)
+            handed = writer.detach()
+            if handed is not None:
+                _seal_handed(repo, writer, handed, new)
+        finally:
+            writer.close()
+        report["SegmentsRewritten"] += len(rescued)
+    return out
+
+
+def _seal(repo, writer, new):
+    _seal_handed(repo, writer, writer.detach(), new)
+
+
+def _seal_handed(repo, writer, handed, new):
+    writer.wait(handed.last_write)
+    repo.backend.sync_pack(handed.pack_id, handed.fd)
+    with new.write() as txn:
+        txn.put_pack(handed.pack_id, PackEntry(handed.size, len(handed.records)))
+
+
+def _settle_duplicates(repo, new, segments, dups):
+    """A chunk listed by several trailers (stored again after it was reclaimed, or by two racing creates)
+    is indexed where its record checks out."""
+    if not dups:
+        return
+    from ..restore import _restorer
+
+    needed = set()
+    for _, _, ids in segments.values():
+        for j in _native.nonzero_ids(ids):
+            needed.add(ids[16 * j:16 * j + 16])
+    restorer = _restorer(repo.chunk_size)
+    with new.write() as txn:
+        for cid, others in dups.items():
+            if cid not in needed:
+                continue
+            entry = txn.chunk(cid)
+            candidates = [(entry.pack_id, entry.offset, entry.stored_len, entry.raw_len, entry.codec)] + [
+                (pid, r.offset, r.stored_len, r.raw_len, r.codec) for pid, r in others]
+            for pid, off, stored, raw, codec in candidates:
+                try:
+                    fd = repo.packs.fd(pid)
+                    restorer.restore([(fd, off, stored, raw, codec, KIND_CHUNK, cid, 0)], -1, 0)
+                except (_native.RestoreDamage, OSError):
+                    continue
+                txn.put_chunk(cid, ChunkEntry(pid, off, stored, raw, codec, 0))
+                break
+    repo.packs.close()
+
+
+def _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, min_seq=0):
+    """Segments, counts, records, maps, tokens and disks of the new catalog."""
+    seg_uses = {}
+    good = {}
+    for sid, (rec, seg_ids) in stored.items():
+        lost = [s for s in refs.split_ids(seg_ids) if s != ZERO_ID and s not in segments]
+        if lost:
+            report["Lost"].append({"SnapshotId": sid, "Problem": f"{len(lost)} of its map segments are lost "
+                                                                 f"(first {lost[0].hex()})"})
+            continue
+        good[sid] = (rec, seg_ids)
+        for s in refs.split_ids(seg_ids):
+            if s != ZERO_ID:
+                seg_uses[s] = seg_uses.get(s, 0) + 1
+    with new.write() as txn:
+        for s, uses in seg_uses.items():
+            pack_id, offset, ids = segments[s]
+            txn.put_segment(s, SegmentEntry(pack_id, offset, ids))
+            txn.set_segment_refs(s, uses)
+            for j in _native.nonzero_ids(ids):
+                cid = ids[16 * j:16 * j + 16]
+                if txn.chunk(cid) is None:
+                    report["Problems"].append({"What": f"chunk {cid.hex()}", "Problem": "named by a map segment, "
+                                               "stored in no pack"})
+                    continue
+                txn.add_chunk_ref(cid, +1)
+    newest = {}
+    max_seq = min_seq
+    with new.write() as txn:
+        for sid, (rec, seg_ids) in sorted(good.items(), key=lambda kv: kv[1][0]["Seq"]):
+            txn.put_snapshot(rec)
+            txn.put_snapshot_map(sid, seg_ids)
+            txn.put_disk_snap(rec["SourceDiskId"], rec["Seq"], sid)
+            if rec.get("ClientToken") and rec.get("ParamsHash"):
+                txn.put_token(rec["ClientToken"], TokenEntry(rec["ParamsHash"], sid))
+            newest[rec["SourceDiskId"]] = rec
+            max_seq = max(max_seq, rec["Seq"])
+        carried = 0
+        for rec in old_failed:
+            if rec["SnapshotId"] in good or rec["SourceDiskId"] not in disks:
+                continue
+            if rec["Status"] == "progressing":
+                from ..repository import died
+
+                rec = died(rec)
+            txn.put_snapshot(rec)
+            txn.put_disk_snap(rec["SourceDiskId"], rec["Seq"], rec["SnapshotId"])
+            if rec.get("ClientToken") and rec.get("ParamsHash") and txn.token(rec["ClientToken"]) is None:
+                txn.put_token(rec["ClientToken"], TokenEntry(rec["ParamsHash"], rec["SnapshotId"]))
+            max_seq = max(max_seq, rec["Seq"])
+            carried += 1
+        for did in set(disks) | set(newest):
+            rec = dict(disks.get(did) or {"DiskId": did, "DiskName": did, "Path": "", "Type":
+                                          newest[did]["SourceDiskType"], "Size": 0,
+                                          "CreationTime": newest[did]["CreationTime"]})
+            if did not in disks:
+                report["Problems"].append({"What": f"disk {did}", "Problem": "its object is lost: its path is unknown"})
+            if did in newest:
+                rec["Size"] = newest[did]["SourceDiskSize"]
+            txn.put_disk(rec)
+            if rec["Path"]:
+                txn.put_disk_path(rec["Path"], did)
+        txn.put_meta_u64(catalogs.META_SEQ, max_seq)
+        # Readers of the old catalog hold one of the two reader locks: two epochs on, the first removal
+        # of data drains both.
+        txn.put_meta_u64(catalogs.META_EPOCH, old_epoch + 2)
+    report.update(Snapshots=len(good), Disks=len(set(disks) | set(newest)), Segments=len(seg_uses),
+                  FailedRecords=carried)
+    with new.read() as txn:
+        report["Chunks"] = txn.count("chunks")
