@@ -86,8 +86,9 @@ def _writable(path):
             return False
     except OSError:
         return False
-    return all(os.access(os.path.join(path, p), os.W_OK) for p in ("catalog", os.path.join("catalog", "data.mdb"),
-                                                                   "packs", "locks"))
+    parts = [".", "packs", "locks"] + [p for p in ("catalog", os.path.join("catalog", "data.mdb"))
+                                       if os.path.exists(os.path.join(path, p))]
+    return all(os.access(os.path.join(path, p), os.W_OK) for p in parts)
 
 
 class Repository:

@@ -26,20 +26,22 @@ from . import catalog as catalogs
 from . import objects, refs
 from .catalog import ChunkEntry, PackEntry, SegmentEntry, TokenEntry, ZERO_ID
 from .layout import crashpoint
-from .packs import CODEC_RAW, KIND_CHUNK, KIND_SEGMENT, RECORD, read_trailer
+from .packs import CODEC_RAW, KIND_CHUNK, KIND_SEGMENT, RECORD, Record, read_trailer
 
 DISK_FIELDS = ("DiskId", "DiskName", "Path", "Type", "Size", "CreationTime")
 
 
-def _salvage(repo, report):
-    """What the old catalog still holds, checked: ``(snapshots, failed, disks, segments, epoch)``."""
+def _salvage(repo, report, bad_packs=()):
+    """What the old catalog still holds, checked: ``(snapshots, failed, disks, segments, epoch, records)``;
+    ``records`` lists the chunk and segment records it places in ``bad_packs`` (packs without a readable
+    trailer): ``[(pack id, Record)]``."""
     path = os.path.join(repo.path, "catalog")
-    snaps, failed, disks, segs, epoch = {}, [], {}, {}, 0
+    snaps, failed, disks, segs, epoch, records = {}, [], {}, {}, 0, []
     try:
         old = catalogs.Catalog(path, None, writable=False)
     except errors.BlocksnapError as exc:
         report["OldCatalog"] = f"unusable: {exc}"
-        return snaps, failed, disks, segs, epoch
+        return snaps, failed, disks, segs, epoch, records
     try:
         with old.read() as txn:
             try:
@@ -71,12 +73,58 @@ def _salvage(repo, report):
                     continue
                 if rec is not None:
                     disks[did] = rec
+            if bad_packs:
+                for cid, e in txn.chunk_items(lambda c, exc: None):
+                    if e.pack_id in bad_packs:
+                        records.append((e.pack_id, Record(cid, e.offset, e.stored_len, e.raw_len, e.codec,
+                                                          KIND_CHUNK)))
+                for sid, seg in txn.segment_items(lambda s, exc: None):
+                    if seg.pack_id in bad_packs:
+                        records.append((seg.pack_id, Record(sid, seg.offset, len(seg.ids), len(seg.ids),
+                                                            CODEC_RAW, KIND_SEGMENT)))
         report["OldCatalog"] = "read"
     except errors.BlocksnapError as exc:
         report["OldCatalog"] = f"partly read: {exc}"
     finally:
         old.close()
-    return snaps, failed, disks, segs, epoch
+    return snaps, failed, disks, segs, epoch, records
+
+
+def _rescue(repo, stranded, report):
+    """Copy the records the old catalog places in packs without a readable trailer into a new pack (each
+    checked as it is read), so that the rebuilt catalog can index them; the old pack is then an orphan
+    that gc removes. Returns how many were copied."""
+    if not stranded:
+        return 0
+    from .. import _native
+    from ..restore import _restorer
+
+    restorer = _restorer(repo.chunk_size)
+    writer = repo.packs.writer()
+    copied = 0
+    try:
+        for pack_id, r in sorted(stranded, key=lambda t: (t[0], t[1].offset)):
+            try:
+                fd = repo.packs.fd(pack_id)
+                restorer.restore([(fd, r.offset, r.stored_len, r.raw_len, r.codec, r.kind, r.id, 0)], -1, 0)
+                data = os.pread(fd, r.stored_len, r.offset + RECORD.size)
+            except (_native.RestoreDamage, OSError) as exc:
+                report["Problems"].append({"What": f"record {r.id.hex()} in pack {pack_id.hex()}",
+                                           "Problem": f"not rescued: {exc}"})
+                continue
+            if writer.add_many(data, [(r.id, 0, r.stored_len, r.raw_len, r.codec, r.kind)])[1]:
+                handed = writer.detach()
+                writer.wait(handed.last_write)
+                repo.backend.sync_pack(handed.pack_id, handed.fd)
+            copied += 1
+        handed = writer.detach()
+        if handed is not None:
+            writer.wait(handed.last_write)
+            repo.backend.sync_pack(handed.pack_id, handed.fd)
+    finally:
+        writer.close()
+        repo.packs.close()
+    return copied
 
 
 def recover_swap(path):
@@ -130,8 +178,15 @@ def _repair(repo, progress):
     if repo.catalog is not None:
         repo.catalog.close()
         repo.catalog = None
-    old_snaps, old_failed, old_disks, old_segs, old_epoch = _salvage(repo, report)
     backend = repo.backend
+    bad_packs = set()
+    for pack_id in backend.list_packs():
+        try:
+            read_trailer(backend, pack_id)
+        except (errors.RepositoryDamaged, OSError):
+            bad_packs.add(pack_id)
+    old_snaps, old_failed, old_disks, old_segs, old_epoch, stranded = _salvage(repo, report, bad_packs)
+    report["RecordsRewritten"] = _rescue(repo, stranded, report)
 
     # --- the store's objects, mended from the old catalog where it has a good copy ---------------------
     stored = {}
