@@ -57,6 +57,35 @@ def _shown(value, limit=64):
     return f"{text[:limit]}...{size}"
 
 
+def validate_path(value, what):
+    """``value`` as a str path: a str, or an os.PathLike (pathlib.Path) that names a str path.
+
+    Raises:
+        InvalidParameter for anything else, bytes paths included: records, messages and JSON replies are text.
+    """
+    if isinstance(value, (str, os.PathLike)):
+        try:
+            path = os.fspath(value)
+        except TypeError:  # an __fspath__ that returns neither str nor bytes
+            path = None
+        if isinstance(path, str):
+            return path
+    raise errors.InvalidParameter(f"({what} must be a str or an os.PathLike path, got {type(value).__name__} "
+                                  f"{_shown(value)})")
+
+
+def validate_chunk_size(size):
+    """An int (not a bool, a float or a string of digits: the API is strict about types); the range
+    and power-of-two check is Repository.init's.
+
+    Raises:
+        InvalidChunkSize.
+    """
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise errors.InvalidChunkSize(f"(got {type(size).__name__} {_shown(size)}, not an int)")
+    return size
+
+
 def validate_snapshot_name(name):
     """2-128 characters; starts with a letter; letters, digits, ``: _ . -``; not http(s):// nor auto*."""
     if name is None:
@@ -155,10 +184,13 @@ class Client:
         repo: repository path; default ``$BLOCKSNAP_REPO`` or the per-user default
             (``~/.local/share/blocksnap/repo``), which is created on first use.
     Raises:
-        RepositoryNotFound (an explicit path that is no repository), RepositoryVersionUnsupported.
+        InvalidParameter (a path that is not a str or os.PathLike), RepositoryNotFound (an explicit path
+        that is no repository), RepositoryVersionUnsupported.
     """
 
     def __init__(self, repo=None, maintenance=False):
+        if repo is not None:
+            repo = validate_path(repo, "the repository path")
         path = repo or default_repo_path()
         self.repo = None
         if maintenance:  # repair and upgrade: no usable catalog needed
@@ -177,7 +209,14 @@ class Client:
 
     @staticmethod
     def init(path, chunk_size=DEFAULT_CHUNK_SIZE):
-        """Create a repository; returns its config."""
+        """Create a repository; returns its config.
+
+        Raises:
+            InvalidParameter (a path that is not a str or os.PathLike), InvalidChunkSize (not an int, or
+            not a power of two from 4 KiB to 4 MiB), RepositoryExists.
+        """
+        path = validate_path(path, "the repository path")
+        chunk_size = validate_chunk_size(chunk_size)
         with Repository.init(path, chunk_size) as repo:
             return dict(repo.config, Path=os.path.abspath(path), RequestId=request_id())
 
@@ -192,11 +231,17 @@ class Client:
 
     # --- disks ---------------------------------------------------------------------------------------
     def add_disk(self, image_path, disk_name=None):
-        """Register a raw image or block device. Returns ``{"DiskId", "RequestId", ...}``."""
+        """Register a raw image or block device. Returns ``{"DiskId", "RequestId", ...}``.
+
+        Raises:
+            InvalidParameter (an image path that is not a str or os.PathLike), InvalidDiskNameMalformed,
+            ImageUnsupported, ImageNotFound, ImageUnreadable, DiskAlreadyRegistered.
+        """
+        image_path = validate_path(image_path, "the image path")
         if disk_name is not None and (not isinstance(disk_name, str) or not 1 <= len(disk_name) <= 128
                                       or not _encodable(disk_name)):
             raise errors.InvalidDiskNameMalformed()
-        if isinstance(image_path, str) and not _encodable(os.path.realpath(image_path)):
+        if not _encodable(os.path.realpath(image_path)):
             # Records are JSON text: a path whose bytes are not UTF-8 cannot be stored in one.
             raise errors.ImageUnsupported(f"({_shown(image_path)}: the path is not valid UTF-8; rename the image "
                                           "or register it through a symlink with a UTF-8 name)")

@@ -5,12 +5,14 @@ rejection must leave the repository untouched: no snapshot record, no pack file,
 """
 import json
 import os
+import pathlib
 
 import pytest
 from conftest import run_cli
 
 import blocksnap
 from blocksnap import errors
+from blocksnap.api import Client
 from blocksnap.store.locks import FileLock
 
 KiB = 1 << 10
@@ -432,3 +434,68 @@ def test_a_disk_path_that_is_not_utf8_is_refused_cleanly(client, tmp_path):
     assert "UTF-8" in str(exc.value)
     assert client.describe_disks()["TotalCount"] == 0
 
+
+
+# --- parameter types: paths and the chunk size -----------------------------------------------------------
+NOT_A_PATH = [5, 0, 3.5, b"/tmp/repo", bytearray(b"/tmp/repo"), ["repo"], object()]
+
+
+@pytest.mark.parametrize("repo", NOT_A_PATH, ids=lambda v: type(v).__name__ + repr(v)[:12])
+def test_repository_path_that_is_not_str_or_pathlike_is_invalid_parameter(tmp_path, repo):
+    """Client(repo) and Client.init(repo) with a repository path that is not a str or os.PathLike (bytes
+    included) raise InvalidParameter (exit 2, a ValueError) naming the type, not a raw TypeError."""
+    for call in (lambda: Client(repo), lambda: Client.init(repo)):
+        with pytest.raises(errors.InvalidParameter) as exc:
+            call()
+        assert type(exc.value) is errors.InvalidParameter and exc.value.exit_code == errors.EXIT_INVALID
+        assert type(repo).__name__ in str(exc.value)
+    assert os.listdir(tmp_path) == []  # nothing made anywhere, the per-user default included
+
+
+def test_init_with_a_bytes_path_makes_nothing_there(tmp_path):
+    """Client.init(b"/existing/dir/repo") is refused before anything is created at that path."""
+    target = tmp_path / "bytes-repo"
+    with pytest.raises(errors.InvalidParameter):
+        Client.init(os.fsencode(str(target)), chunk_size=64 * KiB)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("size", ["4096", "65536", " 65536", b"65536", 65536.0, 4096.5, True, False, None,
+                                  [65536], 1j], ids=repr)
+def test_chunk_size_that_is_not_an_int_is_invalid_chunk_size(tmp_path, size):
+    """Client.init's chunk size must be an int: a str (ASCII digits too), bytes, float, bool or None is
+    InvalidChunkSize (exit 2), and no repository is made."""
+    target = tmp_path / "repo"
+    with pytest.raises(errors.InvalidChunkSize) as exc:
+        Client.init(str(target), chunk_size=size)
+    assert exc.value.exit_code == errors.EXIT_INVALID and isinstance(exc.value, ValueError)
+    assert "not an int" in str(exc.value)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize("image", [None, 5, 3.5, b"/dev/null", ["disk.raw"]], ids=repr)
+def test_image_path_that_is_not_str_or_pathlike_is_invalid_parameter(client, image):
+    """add_disk(image) with an image path that is not a str or os.PathLike is InvalidParameter and
+    registers nothing."""
+    with pytest.raises(errors.InvalidParameter) as exc:
+        client.add_disk(image)
+    assert type(exc.value) is errors.InvalidParameter
+    assert client.describe_disks()["TotalCount"] == 0
+
+
+def test_pathlike_paths_work_like_str(tmp_path, make_image):
+    """pathlib.Path works for the repository path (init and open) and the image path, which is recorded
+    as a str; a Path whose name is not UTF-8 is refused like such a str."""
+    repo = tmp_path / "path-repo"
+    cfg = Client.init(repo, chunk_size=64 * KiB)
+    assert cfg["Path"] == str(repo) and cfg["ChunkSize"] == 64 * KiB
+    img = make_image("p.raw", 128 * KiB, [(0, b"x" * 4096)])
+    with Client(repo) as c:
+        rec = c.add_disk(pathlib.Path(img), disk_name="p")
+        assert rec["Path"] == os.path.realpath(img)
+        assert c.describe_disks()["Disks"]["Disk"][0]["Path"] == os.path.realpath(img)
+        bad = tmp_path / os.fsdecode(b"img\xff.raw")
+        bad.write_bytes(b"x" * 4096)
+        with pytest.raises(errors.ImageUnsupported):
+            c.add_disk(bad)
+        assert c.describe_disks()["TotalCount"] == 1
