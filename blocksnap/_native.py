@@ -13,10 +13,7 @@ from . import errors
 try:
     from ._blocksnap_c import ffi, lib
 except ImportError as exc:  # pragma: no cover - depends on the install
-    raise errors.StaleBuild(
-        f"The C extension is missing ({exc}); build it with 'pip install .' "
-        "(needs libxxhash-dev and a C compiler)."
-    ) from exc
+    raise errors.NativeMissing(f"({exc})") from exc
 
 ABI_VERSION = 9
 ID_LEN = lib.BS_ID_LEN

@@ -12,6 +12,7 @@ name the class and a remediation hint for each.
 """
 import errno as _errno
 import os as _os
+import string
 
 # CLI exit codes, by family. 1 is kept for "verify found damage".
 EXIT_DAMAGED = 1
@@ -33,7 +34,13 @@ class BlocksnapError(Exception):
     def __init__(self, detail=None, **fields):
         self.detail = detail
         self.fields = fields
-        text = self.message.format(**fields) if fields else self.message
+        if _template_fields(self.message) <= fields.keys():
+            text = self.message.format(**fields)
+        else:
+            # Raised without the fields its template names: never print the template raw
+            # ("ABI {found}, ..."); say what the nearest class with a plain message says.
+            text = next(cls.__dict__["message"] for cls in type(self).__mro__
+                        if "message" in cls.__dict__ and not _template_fields(cls.__dict__["message"]))
         if detail:
             text = f"{text} {detail}"
         super().__init__(text)
@@ -44,6 +51,15 @@ class BlocksnapError(Exception):
         if request_id:
             out["RequestId"] = request_id
         return out
+
+
+def _template_fields(template):
+    """The names of the fields a message template refers to (``{found}``, ``{a.b}`` -> ``a``)."""
+    names = set()
+    for _, name, _, _ in string.Formatter().parse(template):
+        if name is not None:
+            names.add(name.split(".", 1)[0].split("[", 1)[0])
+    return names
 
 
 class InternalError(BlocksnapError):
@@ -303,6 +319,12 @@ class UpgradeRequired(RepositoryError):
 class StaleBuild(BlocksnapError, ImportError):
     code = "Native.StaleBuild"
     message = "The C extension is stale (ABI {found}, expected {expected}): reinstall blocksnap (pip install .)."
+
+
+class NativeMissing(StaleBuild):
+    code = "Native.Missing"
+    message = ("The C extension is missing: build and install blocksnap with 'pip install .' (needs libxxhash-dev, "
+               "libzstd-dev and a C compiler).")
 
 
 # --- the translation table ---------------------------------------------------------------------------

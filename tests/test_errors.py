@@ -3,6 +3,8 @@ codes and statuses of the cloud CreateSnapshot API reference."""
 import glob
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -146,3 +148,55 @@ def test_reference_table_matches_the_copy_in_this_file():
     for code, (statuses, message) in REFERENCE.items():
         assert code in table, code
         assert table[code] == (statuses, message), code
+
+
+TEMPLATED = [cls for cls in ALL if re.search(r"{\w+}", cls.message)]
+
+
+def test_some_classes_have_templates():
+    """The tree has message templates with fields (so the tests below check something)."""
+    assert errors.StaleBuild in TEMPLATED and errors.RepositoryVersionUnsupported in TEMPLATED
+
+
+@pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
+def test_a_template_is_never_printed_with_its_fields_missing(cls):
+    """Raised with none or only some of its template's fields, with or without a detail, an error's message
+    has no unfilled ``{field}`` and is still a sentence: its nearest field-less family message."""
+    names = re.findall(r"{(\w+)}", cls.message)
+    partial = dict.fromkeys(names[:1], 7) if len(names) > 1 else {}
+    for exc in (cls(), cls("(at /r)"), cls(**partial), cls("(at /r)", **partial)):
+        text = str(exc)
+        assert not re.search(r"{\w*}", text), text
+        assert text.strip() and exc.to_dict()["Message"] == text
+        if names:
+            assert text.startswith(next(c.message for c in cls.__mro__ if "message" in c.__dict__
+                                        and "{" not in c.__dict__["message"]))
+
+
+def test_stale_build_fills_its_template_and_falls_back_without_fields():
+    """StaleBuild with found/expected names both ABIs; without them it says the generic failure plus the
+    detail, not 'ABI {found}'."""
+    assert str(errors.StaleBuild(found=7, expected=8)) == (
+        "The C extension is stale (ABI 7, expected 8): reinstall blocksnap (pip install .).")
+    text = str(errors.StaleBuild("(no ABI known)"))
+    assert text == f"{errors.BlocksnapError.message} (no ABI known)"
+
+
+def test_a_missing_c_extension_says_so_with_its_own_code():
+    """Importing blocksnap._native where the compiled core cannot be imported raises NativeMissing
+    (Native.Missing, a StaleBuild and an ImportError) whose message names the fix and the import error."""
+    code = ("import sys\n"
+            "sys.modules['blocksnap._blocksnap_c'] = None  # import of it fails, as with no .so\n"
+            "from blocksnap import errors\n"
+            "try:\n"
+            "    import blocksnap._native\n"
+            "except errors.NativeMissing as exc:\n"
+            "    assert isinstance(exc, errors.StaleBuild) and isinstance(exc, ImportError)\n"
+            "    print(exc.code, exc, sep='\\n')\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(errors.__file__))))
+    assert proc.returncode == 0, proc.stderr
+    code_line, message = proc.stdout.splitlines()
+    assert code_line == "Native.Missing"
+    assert "{" not in message and "missing" in message and "pip install ." in message
+    assert "blocksnap._blocksnap_c" in message  # the ImportError's own words, as the detail
