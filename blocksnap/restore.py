@@ -140,10 +140,10 @@ def _open_output(output, in_place, size):
     if os.path.islink(output) and not os.path.exists(output):
         raise errors.RestoreFailed(f"({output} is a symlink to {os.readlink(output)}, which does not exist)")
     try:
-        st = os.stat(output)
-    except FileNotFoundError:
-        st = None
-    try:
+        try:
+            st = os.stat(output)
+        except FileNotFoundError:
+            st = None
         if st is None:
             try:
                 fd = os.open(os.path.dirname(os.path.abspath(output)), os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC,
@@ -175,12 +175,45 @@ def _open_output(output, in_place, size):
                 os.ftruncate(fd, size)
             return fd, False, False
     except OSError as exc:
-        raise errors.RestoreFailed(f"({output}: {exc.strerror})") from exc
+        raise _output_failed(output, exc) from exc
     if not stat.S_ISREG(st.st_mode):  # --in-place cannot help: say what it is
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "neither a regular file nor a block device"
         raise errors.RestoreFailed(f"({output} is {kind}; give the path of a new file, an existing file with "
                                    "--in-place, or a block device)")
     raise errors.OutputExists(f"({output})")
+
+
+def _output_failed(output, exc):
+    """RestoreFailed for an output path the OS refused, in one line that says why."""
+    why = exc.strerror or str(exc)
+    if exc.errno == errno.ENOTDIR:
+        parent = os.path.dirname(output)
+        while parent and not os.path.lexists(parent):  # up to the ancestor that exists: it is not a directory
+            up = os.path.dirname(parent)
+            parent = "" if up == parent else up
+        if parent:
+            why = f"{why}: {parent} is not a directory"
+    elif exc.errno == errno.ENAMETOOLONG:
+        longest = max(len(os.fsencode(name)) for name in output.split(os.sep))
+        name_max = _name_max(output)
+        if longest > name_max:
+            why = f"{why}: a name in the path has {longest} bytes, the file system takes at most {name_max}"
+        else:
+            why = f"{why}: the path has {len(os.fsencode(output))} bytes, more than the system takes"
+    shown = output if len(output) <= 120 else f"{output[:60]}...{output[-40:]} ({len(output)} characters)"
+    return errors.RestoreFailed(f"({shown}: {why})")
+
+
+def _name_max(output):
+    """NAME_MAX of the file system the output would be on (its nearest existing ancestor's)."""
+    parent = os.path.dirname(os.path.abspath(output))
+    while True:
+        try:
+            return os.pathconf(parent, "PC_NAME_MAX")
+        except OSError:
+            if parent == os.path.dirname(parent):
+                return 255
+            parent = os.path.dirname(parent)
 
 
 def _name_output(fd, output, sync):
