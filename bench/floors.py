@@ -29,11 +29,10 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(HERE)
-sys.path[:0] = [HERE, REPO_ROOT]
+sys.path.insert(0, HERE)  # not the repository root: blocksnap is the installed package, with its compiled core
 
 import workload
-from peers import blocksnap_command, blocksnap_env, parse_json_field, warm_read
+from peers import package_text, blocksnap_command, parse_json_field, warm_read
 
 from blocksnap import _native
 from blocksnap.backup import WINDOW_BYTES
@@ -118,14 +117,14 @@ def startup_seconds(cmd, repeat):
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        subprocess.run(cmd + ["--version"], check=True, capture_output=True, env={**os.environ, **blocksnap_env()})
+        subprocess.run(cmd + ["--version"], check=True, capture_output=True)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
 
 def real_full_snapshot(cmd, image, workdir, repeat):
     """Median wall time of ``blocksnap snapshot create`` into a fresh repository, page cache warm."""
-    env = {**os.environ, **blocksnap_env()}
+    env = None  # the installed package, as for peers.py
     times = []
     for k in range(repeat):
         repo = os.path.join(workdir, f"floors-repo-{k}")
@@ -174,12 +173,13 @@ def main(argv=None):
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     res = {"Image": image, "ImageBytes": os.path.getsize(image), "Cores": cores, "ChunkSize": DEFAULT_CHUNK_SIZE,
            **cpu, "WriteBytesPerSecond": rate, "StartupSeconds": start, "CpuFloorSeconds": cpu_floor,
-           "WriteFloorSeconds": io_floor, "FloorSeconds": floor, "FullSnapshotSeconds": real, "Blocksnap": how}
+           "WriteFloorSeconds": io_floor, "FloorSeconds": floor, "FullSnapshotSeconds": real, "Blocksnap": how,
+           "BlocksnapPackage": package_text()}
     mib = 1 << 20
     lines = [
         f"# Full-snapshot floors, {datetime.datetime.now().isoformat(timespec='seconds')}", "",
         (f"Image {image}, {res['ImageBytes'] / mib:.0f} MiB apparent; {cores} cores; "
-         f"chunk {DEFAULT_CHUNK_SIZE >> 10} KiB; blocksnap as {how}."), "",
+         f"chunk {DEFAULT_CHUNK_SIZE >> 10} KiB; blocksnap as {how}, {res['BlocksnapPackage']}."), "",
         "| part | measured |", "|---|---:|",
         f"| C core, one thread: read + holes + zero check + XXH3-128 (s CPU) | {cpu['ScanSeconds']:.3f} |",
         (f"| C core, one thread: entropy probe + zstd (s CPU; {cpu['CompressedChunks']} of "

@@ -17,7 +17,6 @@ Every timed step is one child process: wall time from spawn to reap, peak RSS fr
 Writes bench/out/peers-<timestamp>.md and .json (chunks-<timestamp>.* for --chunk-sizes).
 """
 import argparse
-import compileall
 import datetime
 import json
 import os
@@ -307,11 +306,15 @@ def blocksnap_command(override=None):
     """argv prefix that runs the blocksnap CLI.
 
     In order: --blocksnap; the console script ``pip install`` put beside the Python running this
-    bench; ``blocksnap`` on PATH; the in-tree module. The console script comes before PATH because
+    bench; ``blocksnap`` on PATH; the package's ``cli.main``. The console script comes before PATH because
     PATH may hold a version manager's wrapper instead: pyenv's shim is a bash script that runs
     ~10 processes (pyenv, readlink, pyenv-version, ...) before the real script, 50-60 ms per call
     on the reference machine, which no installed copy of blocksnap pays (and borg, Debian's
     /usr/bin/borg, does not either).
+
+    Every one of them runs the installed package (``pip install .``, byte-compiled and with its compiled
+    core), never this source tree, which has no compiled core: the last one drops the current directory
+    from ``sys.path`` (``python -c`` puts it first), in case that is the repository root.
     """
     if override:
         return shlex.split(override), f"--blocksnap {override!r}"
@@ -321,29 +324,46 @@ def blocksnap_command(override=None):
     found = shutil.which("blocksnap")
     if found:
         return [found], found
-    return ([sys.executable, "-c", "import sys; from blocksnap.cli.main import main; sys.exit(main())"],
-            "in-tree blocksnap.cli.main:main()")
+    return ([sys.executable, "-c", "import sys; del sys.path[0]; from blocksnap.cli.main import main; "
+             "sys.exit(main())"], f"blocksnap.cli.main:main() of the package {sys.executable} imports")
 
 
-def blocksnap_env():
-    """Environment that makes the CLI import this working tree's blocksnap package.
+def installed_blocksnap():
+    """``(package directory, same_as_tree)`` of the blocksnap this Python imports, found without importing
+    it; ``(None, False)`` if there is none. ``same_as_tree`` is true when its Python files are this tree's:
+    otherwise a report's commit (``git describe`` of the tree) is not what was measured."""
+    import filecmp
+    import importlib.util
 
-    The tree's modules are byte-compiled first, as ``pip install`` and Debian's packages (borg's
-    included) do at install time: with PYTHONDONTWRITEBYTECODE set, as on this machine, every
-    command would otherwise compile blocksnap's sources again, 20-40 ms per timed step.
-    """
-    _compile_tree()
-    pp = os.environ.get("PYTHONPATH")
-    return {"PYTHONPATH": REPO_ROOT + (os.pathsep + pp if pp else "")}
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != REPO_ROOT]
+    try:
+        spec = importlib.util.find_spec("blocksnap")
+    finally:
+        sys.path[:] = saved
+    if spec is None or not spec.submodule_search_locations:
+        return None, False
+    installed = list(spec.submodule_search_locations)[0]
+    tree = os.path.join(REPO_ROOT, "blocksnap")
+    same = True
+    for root, _dirs, files in os.walk(tree):
+        for name in files:
+            if name.endswith(".py"):
+                rel = os.path.relpath(os.path.join(root, name), tree)
+                there = os.path.join(installed, rel)
+                if not (os.path.exists(there) and filecmp.cmp(os.path.join(tree, rel), there, shallow=False)):
+                    same = False
+    return installed, same
 
 
-_compiled = []
-
-
-def _compile_tree():
-    if not _compiled:
-        compileall.compile_dir(os.path.join(REPO_ROOT, "blocksnap"), quiet=1)
-        _compiled.append(True)
+def package_text():
+    """Which blocksnap the numbers are of, for the report and the log."""
+    where, same = installed_blocksnap()
+    if where is None:
+        return "no installed blocksnap package found (pip install .)"
+    if same:
+        return f"the installed package at {where} (its Python files are this tree's)"
+    return f"the installed package at {where}, which is NOT this tree (its Python files differ: pip install .)"
 
 
 # --- tools ------------------------------------------------------------------------------------------------
@@ -358,7 +378,7 @@ class Blocksnap:
         self.out = os.path.join(workdir, f"restore-blocksnap{tag}.raw")
         self.image = image
         self.chunk_size = chunk_size
-        self.env = blocksnap_env()
+        self.env = None  # the installed package (blocksnap_command), whatever directory this runs in
         self.disk_id = None
         self.snapshots = []
 
@@ -505,6 +525,7 @@ def machine_info(workdir, bs_cmd):
         "qemu-img": _first_line(["qemu-img", "--version"]),
         "blocksnap": _first_line(bs_cmd + ["--version"]),
         "blocksnap_git": _first_line(["git", "-C", REPO_ROOT, "describe", "--always", "--dirty"]),
+        "blocksnap_package": package_text(),
     }
 
 
@@ -544,7 +565,7 @@ def run_peers(args, bench, workdir):
     bench.log(f"  {make_s:.1f} s; random {stats['random'] / MiB:.0f} MiB, "
               f"text {stats['text'] / MiB:.0f} MiB, "
               f"holes {stats['hole'] / MiB:.0f} MiB; allocated {img_alloc / MiB:.0f} MiB")
-    bench.log(f"blocksnap runs as: {bs_how}")
+    bench.log(f"blocksnap runs as: {bs_how}, {package_text()}")
     bench.log(f"peak RSS via {bench.rss_method}; floor (RSS reported for `true`) "
               f"{bench.measure_floor() / 1024:.1f} MiB")
 
@@ -760,7 +781,7 @@ def build_report(args, bench, size, stats, make_s, img_apparent, img_alloc, offs
     cache = "COLD (dropped before each timed step)" if args.cold else "WARM (not dropped)"
     md.append(f"Page cache: {cache}; "
               f"`sync` before each timed step{'' if args.cold else ', its inputs read once untimed before'}. "
-              f"blocksnap ran as: {bs_how}, importing this tree (byte-compiled first).  ")
+              f"blocksnap ran as: {bs_how}, {package_text()}.  ")
     if args.repeat > 1:
         md.append(f"Times are the median of {args.repeat} repeats (each on fresh repositories and a fresh "
                   f"copy of the pristine image; every repeat's numbers are in the JSON); "
@@ -864,7 +885,7 @@ def run_chunk_sizes(args, bench, workdir):
     bs_cmd, bs_how = blocksnap_command(args.blocksnap)
     bench.log(f"making a {size / MiB:.0f} MiB workload image (seed {args.seed}) in {workdir}")
     workload.make_image(pristine, size, args.seed)
-    bench.log(f"blocksnap runs as: {bs_how}")
+    bench.log(f"blocksnap runs as: {bs_how}, {package_text()}")
     rows = []
     for text in args.chunk_sizes.split(","):
         cs = workload.parse_size(text)
@@ -906,7 +927,7 @@ def run_chunk_sizes(args, bench, workdir):
     md = [f"# blocksnap chunk-size sweep, {datetime.datetime.now().isoformat(timespec='seconds')}\n",
           f"Image: {size / MiB:.0f} MiB, seed {args.seed}; change seed {args.change_seed} (20 x 1 MiB). "
           f"Page cache: {'COLD' if args.cold else 'WARM'}. blocksnap ran as: {bs_how}, "
-          "importing this tree (byte-compiled first).\n",
+          f"{package_text()}.\n",
           "| chunk size | full (s) | incr (s) | restore (s) | repo after full (MiB) "
           "| repo after full+incr (MiB) "
           "| incr added (MiB) | peak RSS (MiB) | restore equal |",
