@@ -657,3 +657,243 @@ def test_an_init_waits_for_another_building_in_the_same_directory(tmp_path, monk
     catalogs.close_env(str(d / "catalog"))
     with Client(str(d)) as c:
         assert c.repo.config["RepositoryId"] == outcome["a"]
+
+
+# --- init killed at every step of its build, and while clearing what a killed one left -----------------
+BUILD = ".init-0123456789ab"  # init's build directory: ".init-" and 12 hex digits
+
+# A child that, for each directory, says "start" before touching it (so a crash names the directory), then
+# runs init there and opens the result: init is "made" or "Repository.Exists" (or another error code),
+# open is "ok" or an error code.
+CHECK_INITS = """
+import json, sys
+from blocksnap import errors
+from blocksnap.api import Client
+for d in sys.argv[1:]:
+    print(json.dumps({"start": d}), flush=True)
+    out = {"dir": d}
+    try:
+        Client.init(d, chunk_size=64 << 10)
+        out["init"] = "made"
+    except errors.BlocksnapError as exc:
+        out["init"] = exc.code
+    try:
+        with Client(d) as c:
+            out["open"] = "ok" if c.describe_disks()["TotalCount"] == 0 else "has disks"
+    except errors.BlocksnapError as exc:
+        out["open"] = exc.code
+    print(json.dumps(out), flush=True)
+"""
+
+
+def check_inits(dirs):
+    """``{dir: {"init": ..., "open": ...}}`` from a child running CHECK_INITS over ``dirs``; fails naming the
+    directory if the child dies (an LMDB file mapped where its pages are missing is a SIGBUS)."""
+    import json
+
+    rc, out, err = finish(script(CHECK_INITS, *map(str, dirs)))
+    lines = [json.loads(line) for line in out.splitlines()]
+    started = [x["start"] for x in lines if "start" in x]
+    assert rc == 0, f"the child died (rc {rc}) at {started[-1] if started else None}: {err}"
+    return {x["dir"]: x for x in lines if "dir" in x}
+
+
+def tree_bytes(path):
+    """Every entry under ``path`` with its kind and, for files, its bytes."""
+    out = {}
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, path)] = "link" if os.path.islink(full) else "dir"
+        for name in files:
+            full = os.path.join(root, name)
+            out[os.path.relpath(full, path)] = (os.readlink(full) if os.path.islink(full)
+                                                else open(full, "rb").read())
+    return out
+
+
+@pytest.fixture(scope="module")
+def init_parts(tmp_path_factory):
+    """The files a real init writes, and the states LMDB passes through while making its data file: the
+    lock file, the two meta pages as mdb_env_init_meta writes them (identical but for their page number),
+    the first commit's page, the complete data file, the config; and a catalog that holds a disk."""
+    import struct
+
+    import json
+
+    base = tmp_path_factory.mktemp("init-parts")
+    repo = base / "repo"
+    Client.init(str(repo), chunk_size=CHUNK)
+    config = (repo / "config").read_bytes()
+    catalog = str(base / "catalog")  # a catalog of that repository, as init makes it (its id must match)
+    catalogs.create(catalog, json.loads(config)["RepositoryId"])
+    data = open(os.path.join(catalog, "data.mdb"), "rb").read()
+    psize = struct.unpack_from("=I", data, 40)[0]
+    page0 = data[:psize]
+    image = base / "a.raw"
+    image.write_bytes(b"x" * 4096)
+    with Client(str(repo)) as c:
+        c.add_disk(str(image))
+    catalogs.close_env(str(repo / "catalog"))
+    return {
+        "lock": open(os.path.join(catalog, "lock.mdb"), "rb").read(),
+        "metas": page0 + struct.pack("=Q", 1) + page0[8:],
+        "page2": data[2 * psize:3 * psize],
+        "data": data,
+        "psize": psize,
+        "config": config,
+        "records": (repo / "catalog" / "data.mdb").read_bytes(),
+    }
+
+
+def killed_init_states(p):
+    """Name -> entries ({relative path: bytes, or None for a directory}) of what init in an existing empty
+    directory leaves when killed at each step, in order: _build making the build directory, LMDB making
+    the catalog (lock file, then data file: created, its meta pages written, cut short at several points,
+    the first commit's page, the commit), the config, the entries moved up one by one; and a later init
+    killed while clearing such leftovers (files and directories removed one at a time)."""
+    cat, b = f"{BUILD}/catalog", BUILD
+    steps = {}
+    state = {b: None}
+    steps["build directory made"] = dict(state)
+    for sub in ("packs", "snapshots", "disks", "locks"):
+        state[f"{b}/{sub}"] = None
+        steps[f"{sub} made"] = dict(state)
+    for name in ("repo.lock", "gate.lock", "read-0.lock", "read-1.lock"):
+        state[f"{b}/locks/{name}"] = b""
+        steps[f"{name} made"] = dict(state)
+    state[cat] = None
+    steps["catalog directory made"] = dict(state)
+    state[f"{cat}/lock.mdb"] = b""
+    steps["lock file created"] = dict(state)
+    state[f"{cat}/lock.mdb"] = bytes(len(p["lock"]))
+    steps["lock file sized"] = dict(state)
+    state[f"{cat}/lock.mdb"] = p["lock"]
+    steps["lock file set up"] = dict(state)
+    state[f"{cat}/data.mdb"] = b""
+    steps["data file created"] = dict(state)
+    for cut in (1, 16, 20, 44, p["psize"], p["psize"] + 1, p["psize"] + 1000, 2 * p["psize"] - 1):
+        steps[f"meta pages cut at byte {cut}"] = dict(state, **{f"{cat}/data.mdb": p["metas"][:cut]})
+    state[f"{cat}/data.mdb"] = p["metas"]
+    steps["meta pages written"] = dict(state)
+    state[f"{cat}/data.mdb"] = p["metas"] + p["page2"]
+    steps["first commit's page written"] = dict(state)
+    state[f"{cat}/data.mdb"] = p["data"]
+    steps["catalog committed"] = dict(state)
+    state[f"{b}/config"] = b""
+    steps["config created"] = dict(state)
+    steps["config cut short"] = dict(state, **{f"{b}/config": p["config"][:len(p["config"]) // 2]})
+    state[f"{b}/config"] = p["config"]
+    steps["config written"] = dict(state)
+    for sub in ("packs", "snapshots", "disks", "locks", "catalog", "config"):  # config last: then it exists
+        state = {(k.replace(f"{b}/", "", 1) if k.startswith(f"{b}/{sub}") else k): v for k, v in state.items()}
+        steps[f"{sub} moved up"] = dict(state)
+    # A later init clearing what one killed before its config moved up left (it removes entry by entry;
+    # shutil.rmtree removes a directory's files first).
+    state = steps["catalog moved up"]
+    clear = dict(state)
+    del clear["catalog/lock.mdb"]
+    steps["clearing: catalog's lock file removed"] = dict(clear)
+    del clear["catalog/data.mdb"]
+    steps["clearing: catalog emptied"] = dict(clear)
+    steps["clearing: catalog's data file removed first"] = {k: v for k, v in state.items() if k != "catalog/data.mdb"}
+    earlier = dict(steps["catalog committed"])
+    del earlier[f"{cat}/lock.mdb"]
+    steps["clearing: the build's catalog half removed"] = earlier
+    del earlier[f"{b}/packs"]
+    steps["clearing: the build's packs removed"] = earlier
+    return steps
+
+
+def not_killed_init_states(p):
+    """Name -> entries of directories that look like init's leftovers but are not: init must refuse each
+    (Repository.Exists) and leave every byte of it."""
+    cat = f"{BUILD}/catalog"
+    base = {f"{BUILD}/packs": None, f"{BUILD}/locks": None, cat: None, f"{cat}/lock.mdb": p["lock"]}
+    records = p["records"]
+    return {
+        "the build's catalog holds a disk": dict(base, **{f"{cat}/data.mdb": records}),
+        "the build's catalog holds a disk, cut short": dict(base, **{f"{cat}/data.mdb": records[:3 * p["psize"]]}),
+        "the build's data file is not LMDB's": dict(base, **{f"{cat}/data.mdb": b"my notes " * 1000}),
+        "the build's catalog has another file": dict(base, **{f"{cat}/data.mdb": p["data"], f"{cat}/x.csv": b"1"}),
+        "a file in the build's packs": dict(base, **{f"{BUILD}/packs/pack-0001": b"data"}),
+        "a file in the build's snapshots": dict(base, **{f"{BUILD}/snapshots/s-1": b"data"}),
+        "a lock file with content in the build": dict(base, **{f"{BUILD}/locks/repo.lock": b"mine"}),
+        "a file in the build directory": dict(base, **{f"{BUILD}/notes.txt": b"mine"}),
+        "the build's config is someone else's": dict(base, **{f"{BUILD}/config": b'{"Format": "other"}'}),
+        "the build's lock file is 2 MiB": dict(base, **{f"{cat}/lock.mdb": bytes(2 << 20)}),
+        "a directory named .init-mine": {".init-mine": None, ".init-mine/packs": None},
+        "a moved-up catalog whose data file is cut short": {"catalog": None, "catalog/data.mdb": p["metas"][:5000]},
+        "a moved-up catalog that holds a disk": {"catalog": None, "catalog/data.mdb": records},
+    }
+
+
+def make_entries(root, entries):
+    root.mkdir()
+    for rel, content in sorted(entries.items()):
+        path = root / rel
+        if content is None:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(content)
+    return root
+
+
+def test_init_clears_what_an_init_killed_at_any_step_leaves(tmp_path, init_parts):
+    """For the leftovers of an init killed at each step of filling an existing empty directory (a
+    half-made LMDB data file included), or of one killed while clearing such leftovers, the next init
+    makes the repository and it opens; killed after its config is in place, the repository is there."""
+    states = killed_init_states(init_parts)
+    assert len(states) >= 30
+    dirs = {name: make_entries(tmp_path / f"s{i:02d}", entries) for i, (name, entries) in enumerate(states.items())}
+    results = check_inits(dirs.values())
+    wrong = {}
+    for name, d in dirs.items():
+        done = "config" in states[name]  # the config was moved into place: the repository exists
+        want = {"dir": str(d), "init": "Repository.Exists" if done else "made", "open": "ok"}
+        if results.get(str(d)) != want:
+            wrong[name] = results.get(str(d))
+        elif not done:
+            assert sorted(os.listdir(d)) == ["catalog", "config", "disks", "locks", "packs", "snapshots"], name
+    assert not wrong, "".join(f"\n{name}: {res}" for name, res in wrong.items())
+    assert results[str(dirs["config moved up"])]["init"] == "Repository.Exists"
+
+
+def test_init_refuses_and_keeps_what_only_looks_like_a_killed_init(tmp_path, init_parts):
+    """A build directory or moved-up catalog that a killed init cannot have left (a catalog with records,
+    whole or cut short, a file that is not LMDB's, extra files, someone else's config, a big lock file, a
+    directory not named as init names its builds) is Repository.Exists, byte for byte as it was, and init
+    does not crash on it."""
+    states = not_killed_init_states(init_parts)
+    dirs = {name: make_entries(tmp_path / f"n{i:02d}", entries) for i, (name, entries) in enumerate(states.items())}
+    before = {name: tree_bytes(d) for name, d in dirs.items()}
+    results = check_inits(dirs.values())
+    for name, d in dirs.items():
+        assert results[str(d)]["init"] == "Repository.Exists", (name, results[str(d)])
+        assert tree_bytes(d) == before[name], name
+
+
+def test_init_killed_at_random_moments_of_its_build(tmp_path):
+    """30 inits of existing empty directories, each SIGKILLed a random 0-6 ms after its build directory
+    appears: the next init of each directory makes the repository (or finds the one that was finished)
+    and it opens."""
+    rng = random.Random(20261201)
+    dirs, finished = [], {}
+    for i in range(30):
+        d = tmp_path / f"k{i:02d}"
+        d.mkdir()
+        proc = cli("--repo", str(d), "init")
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline and not any(
+                n.startswith(".init-") for n in os.listdir(d)):
+            time.sleep(0.0002)
+        time.sleep(rng.uniform(0, 0.006))
+        proc.send_signal(signal.SIGKILL)
+        finish(proc)
+        dirs.append(d)
+        finished[str(d)] = (d / "config").exists()
+    results = check_inits(dirs)
+    for d in map(str, dirs):
+        want = "Repository.Exists" if finished[d] else "made"
+        assert results[d] == {"dir": d, "init": want, "open": "ok"}, results[d]
