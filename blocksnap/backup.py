@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 
-from . import _native, errors
+from . import _native, errors, interrupts
 from .image.raw import RawImage
 from .repository import ACCOMPLISHED, FAILED, PROGRESSING, crashpoint, mark_failed, new_id, now_iso
 from .store import objects, refs
@@ -196,7 +196,9 @@ class _Create:
                 crashpoint("after-commit")
             except BaseException as exc:
                 typed = self._typed(exc, disk["Path"])
-                self._fail(typed, repo_lock)
+                why = interrupts.describe(exc)
+                with interrupts.deferred():  # a second signal does not cut the cleanup short
+                    self._fail(errors.CreateSnapshotFailed(f"({why})") if why else typed, repo_lock)
                 if typed is exc:
                     raise
                 raise typed from exc

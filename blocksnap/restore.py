@@ -320,8 +320,9 @@ def _restore_into(repo, fd, fresh, seg_ids, size, progress):
     written = 0
     segs_per_window = RESTORE_WINDOW // SEGMENT_CHUNKS
     n_segs = len(seg_ids) // 16
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="blocksnap-restore") as pool:
-        pending = []
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="blocksnap-restore")
+    pending = []
+    try:
         for s0 in range(0, n_segs, segs_per_window):
             count = min(segs_per_window, n_segs - s0)
             with repo.catalog.read() as txn:
@@ -336,6 +337,9 @@ def _restore_into(repo, fd, fresh, seg_ids, size, progress):
                 progress(min(size, (s0 + count) * SEGMENT_CHUNKS * cs), size)
         for fut in pending:
             written += fut.result()
+    finally:
+        # On a failure or a signal, batches not started are dropped; the running ones (32 chunks) finish.
+        pool.shutdown(wait=True, cancel_futures=True)
     if progress:
         progress(size, size)
     return written

@@ -1,33 +1,14 @@
 """The blocksnap command: argument parsing, the repository, errors as one line."""
 import argparse
 import os
-import signal
 import sys
 import traceback
 
-from .. import __version__, errors
+from .. import __version__, errors, interrupts
 from ..api import Client
 from ..repository import default_repo_path
 from . import disk_cmd, repo_cmd, restore_cmd, snapshot_cmd
 from .output import emit_json
-
-
-class Terminated(BaseException):
-    """SIGTERM or SIGHUP arrived: unwound like KeyboardInterrupt, so a create ends ``failed`` with its data
-    given back and a restore leaves no output behind."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _on_signal(signum, frame):
-    raise Terminated(signum)
-
-
-def install_signal_handlers():
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _on_signal)
 
 
 class _UsageError(Exception):
@@ -80,7 +61,7 @@ def main(argv=None):
     explicit = getattr(args, "repo", None)
     repo_path = explicit or os.environ.get("BLOCKSNAP_REPO") or None
     client = None
-    install_signal_handlers()
+    interrupts.install()
     try:
         if not getattr(args, "needs_client", True):
             code = args.func(args, repo_path or default_repo_path())
@@ -96,10 +77,10 @@ def main(argv=None):
     except errors.BlocksnapError as exc:
         code = _fail(exc, args.json)
     except KeyboardInterrupt:
-        print("blocksnap: interrupted", file=sys.stderr)
+        print("blocksnap: interrupted by SIGINT", file=sys.stderr)
         code = 130
-    except Terminated as exc:
-        print(f"blocksnap: terminated by {signal.Signals(exc.signum).name}", file=sys.stderr)
+    except interrupts.Terminated as exc:
+        print(f"blocksnap: {exc}", file=sys.stderr)
         code = 128 + exc.signum
     except BrokenPipeError:
         code = _stdout_gone()
