@@ -420,6 +420,34 @@ def test_full_file_system_at_registration_raises_no_space(tmp_path, small_fs):
             c.create_snapshot(disk)
 
 
+@pytest.mark.parametrize("room", [0, 4096, 20000, 300000])
+def test_a_catalog_commit_cut_short_by_a_full_disk_is_no_space(tmp_path, small_fs, room):
+    """With the file system full but for ``room`` bytes, a create fails with CreateSnapshot.NoSpace, also when
+    LMDB's commit is cut short by the full disk (it reports that as EIO, 'Input/output error'), keeps
+    nothing, and the repository still verifies."""
+    repo = os.path.join(small_fs, "repo")
+    Client.init(repo, chunk_size=CHUNK)
+    image = write_random(tmp_path / "a.raw", 2 * MiB)
+    with Client(repo) as c:
+        disk = c.add_disk(image)["DiskId"]
+        filler = os.path.join(small_fs, "filler")
+        with open(filler, "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(bytes(4096))
+            except OSError:
+                pass
+        if room:
+            os.truncate(filler, os.path.getsize(filler) - room)
+        with pytest.raises(errors.NoSpace):
+            c.create_snapshot(disk)
+        os.unlink(filler)
+        assert [s["Status"] for s in c.describe_snapshots()["Snapshots"]["Snapshot"]] in ([], ["failed"])
+        assert c.verify()["Ok"]
+        sid = c.create_snapshot(disk)["SnapshotId"]
+        assert restores_identical(c, tmp_path, sid, image)
+
+
 # --- space ---------------------------------------------------------------------------------------------
 def test_gc_gives_back_space_of_deleted_snapshots(tmp_path, client):
     """Deleting the first two of three snapshots while a reader holds the repository defers reclamation; gc

@@ -5,7 +5,7 @@ import time
 
 import pytest
 import xxhash
-from conftest import MiB, files_equal, run_cli
+from conftest import MiB, files_equal, run_cli, write_image
 
 from blocksnap import errors
 from blocksnap.api import Client
@@ -701,3 +701,68 @@ def _umask():
     os.umask(mask)
     return mask
 
+
+
+def test_an_image_path_of_any_length_registers(client, tmp_path):
+    """An image whose real path is far longer than LMDB's 511-byte key limit registers (disk_paths keys are a
+    hash of the path), snapshots and restores, and the same path again is InvalidDisk.Duplicate."""
+    deep = tmp_path
+    for k in range(6):
+        deep = deep / (f"{k}" * 150)
+    deep.mkdir(parents=True)
+    img = write_image(deep / "disk.raw", MiB, [(0, rand(MiB, 70))])
+    assert len(os.path.realpath(img).encode()) > 900
+    disk = client.add_disk(img)["DiskId"]
+    sid = snap(client, disk)
+    client.restore(sid, "long.out")
+    assert files_equal(img, "long.out")
+    with pytest.raises(errors.DiskAlreadyRegistered):
+        client.add_disk(img)
+    assert client.verify()["Ok"]
+
+
+def test_a_record_edit_made_while_a_create_runs_is_kept(client, make_image):
+    """A change another writer makes to the record of a running create (here its Description, through the
+    catalog) survives the create's commit, in the catalog and in the snapshot's object in the store."""
+    img = make_image("a.raw", 16 * MiB, [(0, rand(16 * MiB, 71))])
+    disk = client.add_disk(img)["DiskId"]
+    edited = []
+
+    def edit(done, total):
+        if edited:
+            return
+        with client.repo.catalog.write() as txn:
+            [sid] = txn.disk_snapshot_ids(disk)
+            rec = txn.snapshot(sid)
+            rec["Description"] = "edited while it ran"
+            txn.put_snapshot(rec)
+        edited.append(sid)
+
+    sid = client.create_snapshot(disk, description="as asked", progress=edit)["SnapshotId"]
+    assert edited == [sid]
+    assert record(client, sid)["Description"] == "edited while it ran"
+    assert client.repo.stored_snapshot(sid)[0]["Description"] == "edited while it ran"
+    assert client.verify()["Ok"]
+
+
+def test_a_repository_made_anew_at_the_same_path_is_seen_anew(tmp_path, make_image):
+    """One process that used a repository, which was then removed and made anew at the same path (while an
+    old Client is still open, and after it closed), sees the new repository, not the old catalog."""
+    import shutil
+
+    path = str(tmp_path / "r")
+    Client.init(path, chunk_size=CS)
+    img = make_image("a.raw", MiB, [(0, rand(MiB, 72))])
+    old = Client(path)
+    snap(old, old.add_disk(img)["DiskId"])
+    shutil.rmtree(path)
+    Client.init(path, chunk_size=CS)
+    with Client(path) as fresh:
+        assert fresh.describe_disks()["TotalCount"] == 0
+        assert fresh.describe_snapshots()["TotalCount"] == 0
+        snap(fresh, fresh.add_disk(img)["DiskId"])
+    old.close()
+    shutil.rmtree(path)
+    Client.init(path, chunk_size=CS)
+    with Client(path) as again:
+        assert again.describe_snapshots()["TotalCount"] == 0
