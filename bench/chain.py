@@ -56,10 +56,18 @@ def timed_delete(client, snapshot_id):
 
 
 def packs_referenced(client, snapshot_id):
-    cat = client.repo.catalog
-    with cat.read() as txn:
-        ids = client.repo.snapshot_map(snapshot_id, txn)
-        packs = {cat.get_chunk(txn, ids[j:j + 16])[0] for j in range(0, len(ids), 16) if any(ids[j:j + 16])}
+    """How many packs hold the chunks of one snapshot (through the catalog's typed reads)."""
+    from blocksnap.store import refs
+
+    repo = client.repo
+    packs = set()
+    with repo.catalog.read() as txn:
+        rec = repo.get_snapshot(snapshot_id, txn)
+        for seg_id in refs.split_ids(repo.segment_ids(txn, rec)):
+            if not any(seg_id):
+                continue
+            ids = txn.segment(seg_id).ids
+            packs.update(txn.chunk(ids[j:j + 16]).pack_id for j in range(0, len(ids), 16) if any(ids[j:j + 16]))
     return len(packs)
 
 

@@ -32,12 +32,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # not the repository root: blocksnap is the installed package, with its compiled core
 
 import workload
-from peers import package_text, blocksnap_command, parse_json_field, warm_read
+from peers import blocksnap_command, package_text, parse_json_field, warm_read
 
 from blocksnap import _native
 from blocksnap.backup import WINDOW_BYTES
 from blocksnap.repository import DEFAULT_CHUNK_SIZE
-from blocksnap.store import chunks
+from blocksnap.store import packs as chunks
 
 RECORD_BYTES = chunks.RECORD.size
 
@@ -99,7 +99,7 @@ def direct_write_rate(directory, nbytes):
         k = 0
         while written < nbytes:
             src = (k * rec_len) % len(source)
-            stager.add(source, [(k.to_bytes(16, "big"), src, rec_len, rec_len, _native.CODEC_RAW)])
+            stager.add(source, [(k.to_bytes(16, "big"), src, rec_len, rec_len, _native.CODEC_RAW, _native.KIND_CHUNK)])
             written += rec_len + RECORD_BYTES
             k += 1
         seq, size = stager.end()

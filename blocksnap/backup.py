@@ -30,7 +30,7 @@ from .image.raw import RawImage
 from .repository import ACCOMPLISHED, FAILED, PROGRESSING, crashpoint, mark_failed, new_id, now_iso
 from .store import objects, refs
 from .store import packs as packstore
-from .store.catalog import PackEntry, TokenEntry, ZERO_ID
+from .store.catalog import ZERO_ID, PackEntry, TokenEntry
 from .store.config import SEGMENT_CHUNKS
 
 WINDOW_BYTES = 4 << 20

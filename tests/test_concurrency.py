@@ -19,9 +19,9 @@ from conftest import MiB, allocated, restores_identical, run_cli, write_random
 import blocksnap
 from blocksnap import _native, backup, errors
 from blocksnap.api import Client
+from blocksnap.store import catalog as catalogs
 from blocksnap.store import packs as chunkstore
 from blocksnap.store import refs
-from blocksnap.store import catalog as catalogs
 
 CHUNK = 64 << 10
 

@@ -624,7 +624,6 @@ def test_an_init_waits_for_another_building_in_the_same_directory(tmp_path, monk
     import time
 
     from blocksnap import errors, repository
-
     from blocksnap.store import layout
 
     real_build = layout._build
@@ -717,9 +716,8 @@ def init_parts(tmp_path_factory):
     """The files a real init writes, and the states LMDB passes through while making its data file: the
     lock file, the two meta pages as mdb_env_init_meta writes them (identical but for their page number),
     the first commit's page, the complete data file, the config; and a catalog that holds a disk."""
-    import struct
-
     import json
+    import struct
 
     base = tmp_path_factory.mktemp("init-parts")
     repo = base / "repo"

@@ -24,7 +24,6 @@ import time
 
 from .. import _native, errors
 from . import refs
-
 from .packs import CODEC_RAW, KIND_CHUNK, KIND_SEGMENT, RECORD, read_trailer
 
 FAILED_GRACE = 7 * 86400  # seconds a failed record stays visible before gc removes it

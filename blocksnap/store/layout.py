@@ -20,7 +20,8 @@ import struct
 import lmdb
 
 from .. import errors
-from . import catalog, config as configs
+from . import catalog
+from . import config as configs
 from .backend import OBJECT_KINDS, fsync_dir
 from .locks import ReaderEpochs
 

@@ -24,7 +24,7 @@ import shutil
 from .. import _native, errors
 from . import catalog as catalogs
 from . import objects, refs
-from .catalog import ChunkEntry, PackEntry, SegmentEntry, TokenEntry, ZERO_ID
+from .catalog import ZERO_ID, ChunkEntry, PackEntry, SegmentEntry, TokenEntry
 from .layout import crashpoint
 from .packs import CODEC_RAW, KIND_CHUNK, KIND_SEGMENT, RECORD, Record, read_trailer
 
