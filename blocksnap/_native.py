@@ -36,18 +36,20 @@ class ShortRead(OSError):
     """The file ended before the range that was asked for: it shrank."""
 
 
+_STATUS_NAMES = {getattr(lib, name): name for name in errors.NATIVE_STATUS}
+_DAMAGE_NAMES = {getattr(lib, name): text for name, text in errors.NATIVE_DAMAGE.items()}
+
+
 def _check(rc, err):
+    """Raise what a C core status means: OSError (with errno) for BS_EIO, ShortRead for BS_ESHORT, else
+    the class errors.NATIVE_STATUS names."""
     if rc == lib.BS_OK:
         return
     if rc == lib.BS_EIO:
         raise OSError(err, os.strerror(err))
     if rc == lib.BS_ESHORT:
         raise ShortRead(_errno.EIO, "file shorter than expected")
-    if rc == lib.BS_EDATA:
-        raise ValueError("stored bytes do not decode to the chunk's length")
-    if rc == lib.BS_ENOMEM:
-        raise MemoryError("blocksnap C core: out of memory")
-    raise ValueError(f"blocksnap C core rejected its arguments (status {rc})")
+    raise errors.from_native(_STATUS_NAMES.get(rc, "BS_EINVAL"), f"C core status {rc}")
 
 
 def hash128(data):
@@ -231,13 +233,6 @@ class RestoreDamage(Exception):
         self.problem = problem
 
 
-_DAMAGE = {
-    lib.BS_DAMAGE_SHORT: "the pack ends inside the record",
-    lib.BS_DAMAGE_HEADER: "record header does not match the index",
-    lib.BS_DAMAGE_DECODE: "stored bytes do not decode",
-    lib.BS_DAMAGE_HASH: "content does not hash to its id",
-    lib.BS_DAMAGE_INDEX: "its index entry gives lengths larger than a chunk",
-}
 
 
 class PackStager:
@@ -350,9 +345,9 @@ class Restorer:
             return
         index, detail = self._failed[0], self._detail[0]
         if rc == lib.BS_EDAMAGED:
-            raise RestoreDamage(index, _DAMAGE.get(detail, f"damage {detail}"))
+            raise RestoreDamage(index, _DAMAGE_NAMES.get(detail, f"damage {detail}"))
         if rc == lib.BS_EIO:
             exc = OSError(detail, os.strerror(detail))
             exc.index = index
             raise exc
-        raise ValueError(f"blocksnap C core rejected a restore batch (status {rc})")
+        raise errors.from_native(_STATUS_NAMES.get(rc, "BS_EINVAL"), f"restore batch, C core status {rc}")

@@ -592,16 +592,17 @@ class _Create:
                     txn.put_snapshot(cur)
 
     def _typed(self, exc, path):
-        if isinstance(exc, errors.BlocksnapError):
-            return errors.translate(exc, op="create")
+        """The API error for what ended the create (errors.translate's table): an error of the repository's
+        storage (a full disk is CreateSnapshot.NoSpace), or of reading the image."""
         if isinstance(exc, _native.ShortRead):
             return errors.ImageChanged(f"({path} shrank while it was read)")
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return errors.NoSpace()
         if isinstance(exc, OSError):
-            if exc.filename and str(exc.filename).startswith(self.repo.path):
+            ours = exc.filename and os.path.abspath(str(exc.filename)).startswith(os.path.abspath(self.repo.path))
+            if ours or exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return errors.translate(exc, "the repository", op="create")
-            return errors.CreateSnapshotFailed(f"({exc.strerror}: {exc.filename or path})")
+            return errors.translate(OSError(exc.errno, exc.strerror, exc.filename or path), op="scan-image")
+        if isinstance(exc, errors.BlocksnapError):
+            return errors.translate(exc, op="create")
         return exc  # KeyboardInterrupt, signals and programming errors go up as they are
 
     def _fail(self, exc, repo_lock):

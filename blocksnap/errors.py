@@ -310,6 +310,21 @@ class RepositoryIOError(RepositoryError):
     message = "The repository's storage failed a read or a write."
 
 
+class DataDamaged(RepositoryDamaged, ValueError):
+    code = "Repository.DataDamaged"
+    message = "Stored bytes do not decode to the length their record gives."
+
+
+class NativeArgument(InternalError, ValueError):
+    code = "Native.InvalidArgument"
+    message = "The C core refused its arguments (a bug in blocksnap)."
+
+
+class NativeOutOfMemory(BlocksnapError, MemoryError):
+    code = "Native.OutOfMemory"
+    message = "The C core ran out of memory."
+
+
 class UpgradeRequired(RepositoryError):
     code = "Repository.UpgradeRequired"
     message = ("The repository is in format version {found}; run 'blocksnap upgrade' to bring it to "
@@ -328,7 +343,7 @@ class NativeMissing(StaleBuild):
 
 
 # --- the translation table ---------------------------------------------------------------------------
-# errno -> (class, hint); ``op``-specific classes where the API has a code of its own for the operation.
+# errno -> (class, hint), for the repository's own storage.
 ERRNO_TABLE = {
     _errno.ENOSPC: (RepositoryNoSpace, "free space on the repository's file system"),
     _errno.EDQUOT: (RepositoryNoSpace, "the disk quota is exhausted"),
@@ -340,7 +355,31 @@ ERRNO_TABLE = {
     _errno.ENFILE: (RepositoryError, "the system is out of file descriptors"),
     _errno.ENOMEM: (RepositoryError, "out of memory"),
 }
-OP_CLASSES = {("create", RepositoryNoSpace): NoSpace}
+# What an errno means depends on what was being read or written: op -> {errno, or None for any other: class}.
+OP_TABLE = {
+    # CreateSnapshot has a code of its own for a full disk.
+    "create": {_errno.ENOSPC: NoSpace, _errno.EDQUOT: NoSpace},
+    # Reading the image being snapshotted: not the repository's fault.
+    "read-image": {_errno.ENOENT: ImageNotFound, None: ImageUnreadable},
+    "scan-image": {None: CreateSnapshotFailed},
+    # A pack the index names that is gone or unreadable is damage; running out of descriptors is not.
+    "read-pack": {_errno.ENOENT: StoreDamaged, _errno.EIO: StoreDamaged, _errno.EISDIR: StoreDamaged,
+                  _errno.EACCES: StoreDamaged},
+}
+# C core status -> (class, hint); BS_EIO and BS_ESHORT stay OSErrors carrying their errno (the caller's op
+# decides what they mean), BS_EDAMAGED is reported per chunk with NATIVE_DAMAGE.
+NATIVE_STATUS = {
+    "BS_EINVAL": (NativeArgument, None),
+    "BS_EDATA": (DataDamaged, None),
+    "BS_ENOMEM": (NativeOutOfMemory, None),
+}
+NATIVE_DAMAGE = {
+    "BS_DAMAGE_SHORT": "the pack ends inside the record",
+    "BS_DAMAGE_HEADER": "record header does not match the index",
+    "BS_DAMAGE_DECODE": "stored bytes do not decode",
+    "BS_DAMAGE_HASH": "content does not hash to its id",
+    "BS_DAMAGE_INDEX": "its index entry gives lengths larger than a chunk",
+}
 # py-lmdb exception class name -> (class, hint)
 LMDB_TABLE = {
     "MapFullError": (RepositoryFull, "raise BLOCKSNAP_MAP_SIZE"),
@@ -382,16 +421,19 @@ def translate(exc, context="", op=None, path=None):
         path: a path on the file system involved, to tell a full disk from an I/O error.
     """
     if isinstance(exc, BlocksnapError):
-        if op is not None and (op, type(exc)) in OP_CLASSES:
-            return OP_CLASSES[(op, type(exc))](exc.detail)
+        if op == "create" and type(exc) is RepositoryNoSpace:
+            return NoSpace(exc.detail)
         return exc
     where = f"{context}: " if context else ""
     if isinstance(exc, OSError):
         err = exc.errno
-        cls, hint = ERRNO_TABLE.get(err, (RepositoryError, None))
         text = exc.strerror or str(exc)
         if exc.filename:
             text = f"{text}: {exc.filename}"
+        by_op = OP_TABLE.get(op, {})
+        if err in by_op or None in by_op:
+            return by_op.get(err, by_op.get(None))(f"({where}{text})")
+        cls, hint = ERRNO_TABLE.get(err, (RepositoryError, None))
     else:
         # A system error LMDB passed on (its text is strerror's) decides; else the LMDB error's class.
         err = _lmdb_errno(exc)
@@ -402,9 +444,17 @@ def translate(exc, context="", op=None, path=None):
             cls, hint = ERRNO_TABLE[err]
         else:
             cls, hint = LMDB_TABLE.get(type(exc).__name__, (RepositoryError, None))
-    cls = OP_CLASSES.get((op, cls), cls)
+    if op == "create" and cls is RepositoryNoSpace:
+        cls = NoSpace
     detail = f"({where}{text}{'; ' + hint if hint else ''})"
     return cls(detail)
+
+
+def from_native(status_name, detail=None):
+    """The error for a C core status (``NATIVE_STATUS``)."""
+    cls, hint = NATIVE_STATUS.get(status_name, (InternalError, None))
+    text = "; ".join(t for t in (detail, hint) if t)
+    return cls(f"({text})" if text else None)
 
 
 def all_error_classes():

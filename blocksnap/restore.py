@@ -254,18 +254,16 @@ def _zero_range(fd, off, length, can_punch, zeros):
 
 
 def _pack_fd(repo, pack_id):
-    """A pack's descriptor; OSError means the pack is missing or unreadable (damage).
+    """A pack's descriptor.
 
     Raises:
-        RepositoryError when the process or system is out of descriptors or memory: that says
-        nothing about the repository.
+        StoreDamaged when the pack is missing or unreadable; RepositoryError when the process or system is
+        out of descriptors or memory, which says nothing about the repository (errors.OP_TABLE, "read-pack").
     """
     try:
         return repo.packs.fd(pack_id)
     except OSError as exc:
-        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-            raise errors.RepositoryError(f"(cannot open pack {pack_id.hex()}: {exc.strerror})") from None
-        raise
+        raise errors.translate(exc, f"pack {pack_id.hex()}", op="read-pack") from None
 
 
 def _restorer(chunk_size):
@@ -295,9 +293,8 @@ def _restore_into(repo, fd, fresh, seg_ids, size, progress):
                 continue
             try:
                 pack_fd = _pack_fd(repo, entry.pack_id)
-            except OSError as exc:
-                raise errors.RepositoryDamaged(f"(chunk at offset {off}: pack {entry.pack_id.hex()}: "
-                                               f"{exc.strerror})") from None
+            except errors.StoreDamaged as exc:
+                raise errors.StoreDamaged(f"(chunk at offset {off}: {exc.detail.strip('()')})") from None
             if entry.raw_len != clen:
                 raise errors.CatalogDamaged(f"(chunk entry {cid.hex()} gives {entry.raw_len} bytes where offset "
                                             f"{off} needs {clen})")

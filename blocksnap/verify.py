@@ -326,8 +326,8 @@ class _Verifier:
         for pack_id, rec_off, stored, raw, codec, kind, rid, _ in batch:
             try:
                 pack_fd = _pack_fd(self.repo, pack_id)
-            except OSError as exc:
-                bad[(kind, rid)] = f"pack {pack_id.hex()}: {exc.strerror}"
+            except errors.StoreDamaged as exc:
+                bad[(kind, rid)] = exc.detail.strip("()")
                 continue
             items.append((pack_fd, rec_off, stored, raw, codec, kind, rid, 0))
             where.append(f"pack {pack_id.hex()} offset {rec_off}")

@@ -200,3 +200,41 @@ def test_a_missing_c_extension_says_so_with_its_own_code():
     assert code_line == "Native.Missing"
     assert "{" not in message and "missing" in message and "pip install ." in message
     assert "blocksnap._blocksnap_c" in message  # the ImportError's own words, as the detail
+
+
+def test_the_translation_table_names_the_class_for_each_failure():
+    """errors.translate is the one place an OSError, an LMDB error or a C status becomes an API error: by
+    errno, refined by the operation (a full disk during a create is CreateSnapshot.NoSpace, a missing pack
+    is damage but running out of descriptors is not), with the errno LMDB hid in its text found back."""
+    import errno
+
+    import lmdb
+
+    def oserr(e):
+        return OSError(e, os.strerror(e), "/repo/packs/00/x.pack")
+
+    assert type(errors.translate(oserr(errno.ENOSPC))) is errors.RepositoryNoSpace
+    assert type(errors.translate(oserr(errno.ENOSPC), op="create")) is errors.NoSpace
+    assert type(errors.translate(errors.RepositoryNoSpace(), op="create")) is errors.NoSpace
+    assert type(errors.translate(oserr(errno.ENOENT), op="read-pack")) is errors.StoreDamaged
+    assert type(errors.translate(oserr(errno.EMFILE), op="read-pack")) is errors.RepositoryError
+    assert type(errors.translate(oserr(errno.ENOENT), op="read-image")) is errors.ImageNotFound
+    assert type(errors.translate(oserr(errno.EACCES), op="read-image")) is errors.ImageUnreadable
+    assert type(errors.translate(oserr(errno.EROFS))) is errors.RepositoryReadOnly
+    assert type(errors.translate(lmdb.Error("mdb_txn_commit: No space left on device"))) is errors.RepositoryNoSpace
+    assert type(errors.translate(lmdb.MapFullError("mdb_put: MDB_MAP_FULL"))) is errors.RepositoryFull
+    assert type(errors.translate(lmdb.CorruptedError("mdb_get: MDB_CORRUPTED"))) is errors.CatalogDamaged
+    assert "raise BLOCKSNAP_MAP_SIZE" in str(errors.translate(lmdb.MapFullError("x")))
+    assert type(errors.from_native("BS_EDATA")) is errors.DataDamaged
+    assert isinstance(errors.from_native("BS_EINVAL"), ValueError)
+
+
+def test_the_c_core_statuses_come_out_as_the_table_says():
+    """A C status that is not an OS error comes out of _native as the class errors.NATIVE_STATUS names."""
+    from blocksnap import _native
+
+    codec = _native.Codec(1)
+    with pytest.raises(errors.DataDamaged):
+        codec.decode(_native.CODEC_ZSTD, b"\x28\xb5\x2f\xfd garbage", 100)
+    with pytest.raises(errors.NativeArgument):
+        codec.decode(7, b"x", 1)

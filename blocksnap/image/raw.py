@@ -24,12 +24,8 @@ class RawImage:
             # O_NONBLOCK: a FIFO would otherwise block the open until a writer came (it is refused
             # below); regular files and block devices ignore it.
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise errors.ImageNotFound(f"({path})") from None
-        except PermissionError:
-            raise errors.ImageUnreadable(f"Permission denied: {path}") from None
         except OSError as exc:
-            raise errors.ImageUnreadable(f"{path}: {exc.strerror}") from None
+            raise errors.translate(exc, op="read-image") from None
         try:
             st = os.fstat(self.fd)
             if stat.S_ISREG(st.st_mode):
@@ -86,5 +82,5 @@ def probe(path):
         except OSError as exc:
             if exc.errno == errno.EISDIR:
                 raise errors.ImageUnsupported(f"({path})") from None
-            raise errors.ImageUnreadable(f"{path}: {exc.strerror}") from None
+            raise errors.translate(exc, path, op="read-image") from None
         return img.kind, img.size
