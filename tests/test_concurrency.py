@@ -660,3 +660,40 @@ def test_a_create_that_waits_for_gc_says_so_and_readers_never_wait(tmp_path):
             gc_lock.release()
         t.join(30)
         assert waited == [1] and len(done) == 1
+
+
+def test_gc_repacks_packs_that_are_mostly_unused_and_removes_them_whole(tmp_path):
+    """With --max-unused, a pack whose share of dead records is above the threshold has its live records
+    copied into a new pack and is removed whole (the way to give space back where holes cannot be punched):
+    the snapshot still restores identical, verify is clean, and the store alone rebuilds the catalog."""
+    repo = str(tmp_path / "repo")
+    Client.init(repo, chunk_size=CHUNK)
+    image = write_random(tmp_path / "a.raw", 16 * MiB)
+    with Client(repo) as c:
+        disk = c.add_disk(image)["DiskId"]
+        first = c.create_snapshot(disk)["SnapshotId"]
+        write_random(image, 12 * MiB, offset=0)
+        second = c.create_snapshot(disk)["SnapshotId"]
+        [old_pack] = [p for p in c.repo.packs.list_packs()
+                      if sum(1 for _ in chunkstore.read_trailer(c.repo.backend, p)) > 200]
+        c.delete_snapshot(first)
+        plan = c.gc(dry_run=True, max_unused=0.5)
+        assert plan["RepackPacks"] == 1 and 3 * MiB < plan["RepackBytes"] < 5 * MiB, plan
+        assert c.gc(dry_run=True, max_unused=0.9)["RepackPacks"] == 0  # 75 % unused is below 90 %
+    proc = cli_child("--repo", repo, "gc", "--max-unused", "50%", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["RepackPacks"] == 1
+    with Client(repo) as c:
+        assert old_pack not in c.repo.packs.list_packs()
+        assert restores_identical(c, tmp_path, second, image)
+        verified = c.verify()
+        assert verified["Ok"], verified
+        assert c.gc(dry_run=True, max_unused=0.5)["RepackPacks"] == 0
+    catalogs.close_env(os.path.join(repo, "catalog"))
+    shutil.rmtree(os.path.join(repo, "catalog"))
+    assert cli_child("--repo", repo, "repair").returncode == 0
+    with Client(repo) as c:
+        assert restores_identical(c, tmp_path, second, image)
+    bad = cli_child("--repo", repo, "gc", "--max-unused", "150%")
+    assert bad.returncode == 2 and "InvalidParameter" in bad.stderr
