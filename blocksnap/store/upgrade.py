@@ -109,18 +109,7 @@ def _upgrade_v1(repo):
     for cid, (pack_id, offset, stored, raw, codec, _) in chunks:
         by_pack.setdefault(pack_id, []).append(Record(cid, offset, stored, raw, codec, KIND_CHUNK))
 
-    # 1. format 1's unfinished reclaim work, and packs nothing names
-    for key, val in reclaim:
-        pid, off = key[:8], struct.unpack(">Q", key[8:])[0]
-        if pid in by_pack:
-            repo.packs.punch(pid, off, struct.unpack(">Q", val)[0])
-    for pack_id in repo.backend.list_packs():
-        if pack_id not in by_pack:
-            repo.packs.remove(pack_id)
-    # 2. trailers for the format-1 packs
-    for pack_id, records in by_pack.items():
-        _give_trailer(repo, pack_id, sorted(records, key=lambda r: r.offset), packs.get(pack_id))
-    # 3. the map segments of accomplished snapshots, checked, into a new pack
+    # Everything is read and checked before anything is changed: a damaged format-1 catalog stops here.
     accomplished = {sid: rec for sid, rec in snaps.items() if rec.get("Status") == "accomplished"}
     needed = {}
     for sid, rec in accomplished.items():
@@ -131,6 +120,21 @@ def _upgrade_v1(repo):
                     raise errors.CatalogDamaged(f"(format-1 map segment {s.hex()} of {sid} is missing or damaged: "
                                                 "the upgrade stops; nothing was changed)")
                 needed[s] = ids
+    present = set(repo.backend.list_packs())
+    # 1. format 1's unfinished reclaim work, and packs nothing names
+    for key, val in reclaim:
+        pid, off = key[:8], struct.unpack(">Q", key[8:])[0]
+        if pid in by_pack and pid in present:
+            repo.packs.punch(pid, off, struct.unpack(">Q", val)[0])
+    for pack_id in repo.backend.list_packs():
+        if pack_id not in by_pack:
+            repo.packs.remove(pack_id)
+    # 2. trailers for the format-1 packs (a pack the catalog names but that is gone stays gone: verify names
+    # the snapshots that lost it)
+    for pack_id, records in by_pack.items():
+        if pack_id in present:
+            _give_trailer(repo, pack_id, sorted(records, key=lambda r: r.offset), packs.get(pack_id))
+    # 3. the map segments of accomplished snapshots, checked above, into a new pack
     writer = repo.packs.writer()
     try:
         for s, ids in needed.items():
