@@ -62,8 +62,9 @@ def make_image(tmp_path):
     return make
 
 
-def run_cli(*args, env=None, check=False, input=None):
-    """Run ``python -m blocksnap ARGS`` in a child process; returns CompletedProcess (text)."""
+def run_cli(*args, env=None, check=False, input=None, timeout=300):
+    """Run ``python -m blocksnap ARGS`` in a child process; returns CompletedProcess (text). A child that runs
+    longer than ``timeout`` seconds is killed and subprocess.TimeoutExpired raised."""
     import blocksnap
 
     # The child imports the same blocksnap as this process (source tree or installed package).
@@ -71,7 +72,7 @@ def run_cli(*args, env=None, check=False, input=None):
     if env:
         full_env.update(env)
     proc = subprocess.run([sys.executable, "-m", "blocksnap", *args], capture_output=True, text=True,
-                          env=full_env, input=input, timeout=300)
+                          env=full_env, input=input, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"blocksnap {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
     return proc
