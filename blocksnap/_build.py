@@ -11,7 +11,7 @@ from cffi import FFI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-SOURCES = ["hash.c", "io.c", "scan.c", "punch.c", "write.c", "entropy.c", "codec.c", "restore.c", "packw.c"]
+SOURCES = ["hash.c", "io.c", "scan.c", "punch.c", "write.c", "entropy.c", "codec.c", "restore.c", "packw.c", "guard.c"]
 HEADER_DIRS = ["/usr/include", "/usr/local/include"]
 SYSTEM_HEADERS = [("xxhash.h", "libxxhash-dev"), ("zstd.h", "libzstd-dev")]
 

@@ -15,7 +15,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise errors.NativeMissing(f"({exc})") from exc
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 ID_LEN = lib.BS_ID_LEN
 ZERO_ID = bytes(ID_LEN)
 
@@ -30,6 +30,30 @@ KIND_SEGMENT = lib.BS_KIND_SEGMENT
 
 if lib.bs_abi_version() != ABI_VERSION:  # pragma: no cover
     raise errors.StaleBuild(found=lib.bs_abi_version(), expected=ABI_VERSION)
+
+
+def guard_install():
+    """Make reads past the end of a registered map read zeros instead of killing the process (bs_guard)."""
+    _check(lib.bs_guard_install(), 0)
+
+
+def guard_add(start, length):
+    """Register a memory map ``[start, start+length)`` with the SIGBUS guard; False when the table is full."""
+    return lib.bs_guard_add(start, length) == lib.BS_OK
+
+
+def guard_remove(start):
+    lib.bs_guard_remove(start)
+
+
+def guard_faults():
+    """How many reads past the end of a registered map the guard has answered with zeros so far."""
+    return lib.bs_guard_faults()
+
+
+def abort_exit(message):
+    """Make SIGABRT print ``message`` (one line) and exit 1 instead of dumping core (the CLI only)."""
+    _check(lib.bs_guard_abort_exit(message.encode("utf-8", "replace")[:500]), 0)
 
 
 class ShortRead(OSError):

@@ -372,9 +372,13 @@ class Client:
                 "PageSize": len(out), "RequestId": request_id()}
 
     def delete_snapshot(self, snapshot_id):
-        """DeleteSnapshot. Returns ``{"RequestId", "FreedChunks", "ReclaimedBytes"}``."""
+        """DeleteSnapshot. Returns ``{"RequestId", "FreedChunks", "ReclaimedBytes"}``, and ``Problems`` when the
+        check before removing data found a count that was wrong (that data was kept)."""
         freed, reclaimed = self.repo.delete_snapshot(snapshot_id)
-        return {"RequestId": request_id(), "FreedChunks": freed, "ReclaimedBytes": reclaimed}
+        out = {"RequestId": request_id(), "FreedChunks": freed, "ReclaimedBytes": reclaimed}
+        if self.repo.last_problems:  # the mark kept data a wrong count would have removed
+            out["Problems"] = self.repo.last_problems
+        return out
 
     def restore(self, snapshot_id, output, in_place=False, progress=None, sync=False, on_wait=None):
         """Write a snapshot to ``output`` (see :func:`blocksnap.restore.restore_snapshot`)."""

@@ -18,6 +18,7 @@ import concurrent.futures
 from . import _native, errors
 from .repository import ACCOMPLISHED, ZERO_ID
 from .restore import BATCH_CHUNKS, _pack_fd, _restorer, window_ids
+from .store import catalog as catalogs
 from .store import objects, refs
 from .store.config import SEGMENT_CHUNKS
 from .store.packs import CODEC_RAW, KIND_CHUNK, KIND_SEGMENT, read_trailer
@@ -129,21 +130,29 @@ class _Verifier:
 
     # --- everything -----------------------------------------------------------------------------------
     def everything(self):
-        repo = self.repo
+        if not catalogs.probe(self.repo.catalog.path):
+            self._unreadable("LMDB stopped reading it on a damaged page")
+            return
         try:
             self._walk_catalog()
             chunk_items, seg_items = self._catalog_model()
-        except errors.RepositoryDamaged as exc:
-            # The catalog cannot even be walked (LMDB's own structure is damaged): every snapshot the
-            # store holds is affected until 'repair' rebuilds it.
-            for sid in repo.backend.list_objects("snapshots"):
-                self._whole(sid, f"the catalog is unreadable ({exc}); 'blocksnap repair' rebuilds it")
-            if not self.whole:
-                self.problems.append({"What": "catalog", "Problem": f"unreadable: {exc}"})
-            return
-        self._check_records(chunk_items, seg_items)
-        self._check_packs()
-        self._check_store()
+            self._check_lookups()
+            self._check_records(chunk_items, seg_items)
+            self._check_packs()
+            self._check_store()
+            self.result()  # resolving what damage affects reads the catalog too
+        except errors.CatalogDamaged as exc:
+            self._unreadable(exc)
+
+    def _unreadable(self, exc):
+        """The catalog cannot be walked (LMDB's own structure is damaged, or a read ran off the end of
+        data.mdb): every snapshot the store holds is affected until 'repair' rebuilds the catalog."""
+        self.maps, self.bad_chunks, self.bad_segments, self.bad_segment_records, self.bad_packs = {}, {}, {}, {}, {}
+        self.damaged, self.whole = [], {}
+        for sid in self.repo.backend.list_objects("snapshots"):
+            self._whole(sid, f"the catalog is unreadable ({exc}); 'blocksnap repair' rebuilds it")
+        if not self.whole:
+            self.problems.append({"What": "catalog", "Problem": f"unreadable: {exc}"})
 
     def _walk_catalog(self):
         """Every key's checksum; damaged values are attributed to what they affect."""
@@ -184,8 +193,10 @@ class _Verifier:
             for sid in txn.snapshot_ids():
                 try:
                     rec = txn.snapshot(sid)
-                except errors.RepositoryDamaged:
-                    continue  # attributed by the walk
+                except errors.RepositoryDamaged as exc:
+                    if sid not in self.whole:  # it passed its checksum, and still is no record
+                        self._whole(sid, str(exc))
+                    continue
                 if rec["Status"] != ACCOMPLISHED:
                     continue
                 try:
@@ -299,6 +310,34 @@ class _Verifier:
                 out.append(rec)
         return out
 
+    def _check_lookups(self):
+        """Every map resolved as a restore resolves it, by lookups (a damaged page can hide from a lookup
+        what a scan still shows)."""
+        with self.repo.catalog.read() as txn:
+            for sid, segs in self.maps.items():
+                for seg_id in refs.split_ids(segs):
+                    if seg_id == ZERO_ID or seg_id in self.bad_segments:
+                        continue
+                    try:
+                        seg = txn.segment(seg_id)
+                    except errors.CatalogDamaged as exc:
+                        self.bad_segments[seg_id] = str(exc)
+                        continue
+                    if seg is None:
+                        self.bad_segments[seg_id] = "not found by a lookup (a damaged page of the index hides it)"
+                        continue
+                    for j in _native.nonzero_ids(seg.ids):
+                        cid = seg.ids[16 * j:16 * j + 16]
+                        if cid in self.bad_chunks:
+                            continue
+                        try:
+                            entry = txn.chunk(cid)
+                        except errors.CatalogDamaged as exc:
+                            self.bad_chunks[cid] = str(exc)
+                            continue
+                        if entry is None:
+                            self.bad_chunks[cid] = "not found by a lookup (a damaged page of the index hides it)"
+
     # --- reading the packs ----------------------------------------------------------------------------
     def _check_records(self, chunk_items, seg_items):
         """Read every record through the C core's checks: chunks (restores depend on them) and map
@@ -398,9 +437,13 @@ class _Verifier:
                 self._check_object(rec, self.maps[sid])
             catalog_sids = set(txn.snapshot_ids())
             for sid in repo.backend.list_objects("snapshots"):
-                if sid not in catalog_sids:
-                    self.problems.append({"What": f"snapshot object {sid}", "Problem": "the catalog has no record "
-                                          "of it ('blocksnap repair' adds it)"})
+                try:
+                    missing = sid not in catalog_sids or txn.snapshot(sid) is None
+                except errors.CatalogDamaged:
+                    missing = False  # there is a record, damaged: the walk named it
+                if missing:
+                    self._whole(sid, "the catalog has no record of it: restores refuse until 'blocksnap repair' "
+                                     "adds it from the store")
             for did in repo.backend.list_objects("disks"):
                 try:
                     stored = objects.decode_disk(did, repo.backend.get_object("disks", did))

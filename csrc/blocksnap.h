@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
-#define BS_ABI_VERSION 9
+#define BS_ABI_VERSION 10
 
 #define BS_OK 0
 #define BS_EINVAL -1 /* an argument is out of range; nothing was written */
@@ -241,6 +241,23 @@ int bs_packw_append(bs_packw *w, const uint8_t *data, uint32_t len, int *err_out
 uint64_t bs_packw_offset(const bs_packw *w);
 int bs_packw_end(bs_packw *w, uint64_t *seq_out, uint64_t *size_out, int *err_out);
 int bs_packw_wait(bs_packw *w, uint64_t seq, int *err_out);
+/*
+ * bs_guard (guard.c): reads past the end of a memory-mapped file read zeros instead of raising SIGBUS.
+ *   bs_guard_install     installs the SIGBUS handler once per process (the one installed before it
+ *                        still gets every fault outside the registered ranges). BS_EIO if sigaction fails.
+ *   bs_guard_add         registers [start, start+length) (a catalog's map); BS_EINVAL when 32 are held.
+ *   bs_guard_remove      forgets the range that starts at start (before that map is unmapped).
+ *   bs_guard_faults      how many faults the handler has answered with a zero page so far: a map that got
+ *                        one reads zeros where the file ends and must be closed (unmapped) by its owner.
+ *   bs_guard_abort_exit  makes SIGABRT write message (one line, with what C code printed to stdio's
+ *                        stderr in brackets: LMDB's assertion) to descriptor 2 and exit(1): the CLI's
+ *                        last resort for LMDB's assertions on damaged pages. BS_EIO if sigaction fails.
+ */
+int bs_guard_install(void);
+int bs_guard_add(uint64_t start, uint64_t length);
+int bs_guard_remove(uint64_t start);
+uint64_t bs_guard_faults(void);
+int bs_guard_abort_exit(const char *message);
 /* CDEF-END */
 
 /* Internal to the C core (not part of the cffi interface). */

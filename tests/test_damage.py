@@ -21,7 +21,7 @@ each kind run by default (the CI set); set ``BLOCKSNAP_DAMAGE_TRIALS`` to run mo
 
     BLOCKSNAP_DAMAGE_TRIALS=200 python -m pytest tests/test_damage.py
 
-Tests marked xfail (strict) reproduce a bug that is not fixed yet; each one turns into a failure (XPASS)
+Tests marked xfail (strict) would reproduce a bug that is not fixed yet; each one turns into a failure (XPASS)
 once it is, so that its mark gets removed.
 """
 import concurrent.futures
@@ -59,7 +59,7 @@ ERROR_LINE = re.compile(r"blocksnap: error: ([A-Z][A-Za-z]*(?:\.[A-Z][A-Za-z]*)*
 EXACT = "exact"
 PARALLEL = 4  # child processes at a time
 
-# Bugs the matrix found; the tests that reproduce them are marked xfail(strict) with these reasons.
+# Bugs the matrix found (all fixed now; their tests below reproduce them): kept as the record of what each was.
 SIGBUS_PRELOAD = ("bug: py-lmdb touches every page of a value (preload) inside get() and cursor moves, before the "
                   "catalog checks its length, so a damaged LMDB node size that runs past the end of data.mdb kills "
                   "restore, list, gc, verify and repair with SIGBUS")
@@ -578,8 +578,7 @@ def test_data_mdb_cut_to_half_is_a_typed_error_everywhere_and_repair_rebuilds_it
 
 
 
-@pytest.mark.parametrize("how", ["byte in data.mdb", pytest.param("sealed with a valid checksum", marks=pytest.mark.xfail(
-    strict=True, reason=VERIFY_SKIPS_UNDECODABLE))])
+@pytest.mark.parametrize("how", ["byte in data.mdb", "sealed with a valid checksum"])
 def test_an_invalid_utf8_byte_in_a_snapshot_record_is_reported_not_an_internal_error(prepared, repo, tmp_path, how):
     """A 0xff byte in b1's record (as bit rot leaves it, or as a bug would write it under a valid checksum):
     list, describe, verify and gc never end in InternalError or a traceback, only b1's restore refuses,
@@ -620,7 +619,6 @@ def test_a_deleted_catalog_is_CatalogMissing_everywhere_and_verify_names_every_s
     _every_reading_command_refuses(repo, prepared, tmp_path, "Repository.CatalogMissing")
 
 
-@pytest.mark.xfail(strict=True, reason=REPAIR_NEEDS_CATALOG)
 @pytest.mark.parametrize("gone", ["catalog/", "catalog/data.mdb"])
 def test_repair_rebuilds_a_deleted_catalog_from_the_store_alone(prepared, repo, tmp_path, gone):
     """With catalog/ (or its data.mdb) deleted, repair rebuilds the same listing from the store alone: every
@@ -742,8 +740,7 @@ def test_a_truncated_pack_is_refused_only_by_the_snapshots_whose_chunks_it_lost(
     assert chunk_damage(report) == expected_chunk_damage(prepared, [r.id for r in lost_chunks])
 
 
-# --- bugs found by the matrix (xfail until fixed) -------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason=SIGBUS_PRELOAD)
+# --- bugs the matrix found (fixed; each test reproduces one) -----------------------------------------------
 def test_a_flipped_bit_in_the_size_of_a_segment_value_in_data_mdb_is_never_a_sigbus(prepared, repo, tmp_path):
     """One bit of the LMDB node size of the segment a1 and a2 share (the value is in overflow pages) set, so
     that it runs 1 MiB past the end of data.mdb: list ends in a typed error, every other command as damage to
@@ -757,7 +754,6 @@ def test_a_flipped_bit_in_the_size_of_a_segment_value_in_data_mdb_is_never_a_sig
     assert_catalog_damage_handled(repo, prepared, tmp_path, "bit 20 of a segment value's size")
 
 
-@pytest.mark.xfail(strict=True, reason=REPAIR_DROPS_PACK)
 @pytest.mark.parametrize("damage", ["flipped bit in the trailer", "pack truncated"])
 def test_repair_never_loses_a_snapshot_that_restored_before_it(prepared, repo, tmp_path, damage):
     """After damage to a pack's trailer, every snapshot that restored exactly before 'blocksnap repair' still
@@ -775,7 +771,6 @@ def test_repair_never_loses_a_snapshot_that_restored_before_it(prepared, repo, t
         (before, after, proc.stdout[-2000:])
 
 
-@pytest.mark.xfail(strict=True, reason=LMDB_ASSERTS)
 def test_a_leaf_page_of_data_mdb_with_a_zeroed_header_is_never_a_sigabrt(prepared, repo, tmp_path):
     """The two flag bytes of a leaf page of chunk entries (not the first leaf) cleared: every command ends in a
     typed error or a report, never a signal; verify names every snapshot that refused; repair restores all."""
@@ -789,7 +784,6 @@ def test_a_leaf_page_of_data_mdb_with_a_zeroed_header_is_never_a_sigabrt(prepare
     assert_catalog_damage_handled(repo, prepared, tmp_path, f"flags of leaf page {page} cleared")
 
 
-@pytest.mark.xfail(strict=True, reason=VERIFY_SCANS_NOT_LOOKUPS)
 def test_a_zeroed_sector_over_node_headers_in_data_mdb_is_named_by_verify_for_every_refused_restore(prepared, repo,
                                                                                                    tmp_path):
     """The sector over the node headers of the disk records zeroed (their leaf page also holds chunk and
@@ -803,7 +797,6 @@ def test_a_zeroed_sector_over_node_headers_in_data_mdb_is_named_by_verify_for_ev
     assert_catalog_damage_handled(repo, prepared, tmp_path, f"the sector at {node - node % SECTOR} zeroed")
 
 
-@pytest.mark.xfail(strict=True, reason=RECORD_UNREACHABLE)
 def test_a_snapshot_record_lost_from_the_catalog_is_named_by_verify(prepared, repo, tmp_path):
     """b1's record gone from the catalog (its map and its object in the store intact), as a bug or a damaged
     branch page leaves it: b1's restore refuses, verify exits 1 naming b1, repair gives it back."""
@@ -831,7 +824,7 @@ def assert_catalog_damage_handled(repo, prepared, tmp_path, hit):
 
 # Trials that hit a known bug (the seeds are tied to the prepared repository's bytes: a change to the fixture
 # or to what blocksnap writes moves them, and these marks with them).
-KNOWN_DATA_MDB_TRIALS = {7: LMDB_ASSERTS, 75: VERIFY_SCANS_NOT_LOOKUPS}
+KNOWN_DATA_MDB_TRIALS = {}
 KNOWN_PACK_TRIALS = {}
 
 

@@ -62,6 +62,11 @@ def main(argv=None):
     repo_path = explicit or os.environ.get("BLOCKSNAP_REPO") or None
     client = None
     interrupts.install()
+    from .. import _native
+
+    # LMDB aborts the process on some damaged pages (its assertion line comes first): end as damage instead.
+    _native.abort_exit("blocksnap: error: Repository.CatalogDamaged: LMDB stopped on a damaged page of the catalog; "
+                       "'blocksnap verify' names what it affects and 'blocksnap repair' rebuilds it from the store.")
     try:
         if not getattr(args, "needs_client", True):
             code = args.func(args, repo_path or default_repo_path())

@@ -53,6 +53,9 @@ def cmd_delete(args, client):
     else:
         print(f"Deleted {args.snapshot_id}: {out['FreedChunks']} chunk(s) no longer referenced, "
               f"{human_bytes(out['ReclaimedBytes'])} given back now")
+        for p in out.get("Problems", []):
+            print(f"PROBLEM {p.get('ChunkId') or p.get('Segment')}: {p['Problem']} (run 'blocksnap verify')",
+                  file=sys.stderr)
     return 0
 
 

@@ -6,8 +6,11 @@ an index: everything in it can be rebuilt from the store (``blocksnap.store.rebu
 
 - Every value ends in an 8-byte XXH3-64 of its key and payload, so a flipped bit, a zeroed sector or a
   value moved to another key is found on the read that would have used it.
-- Values are read as buffers into LMDB's map and their length is checked before a byte is copied, so a
-  damaged length in an LMDB page cannot make a read run off the end of the file (SIGBUS).
+- Values are read as buffers into LMDB's map and their length is checked before a byte is copied. py-lmdb
+  still touches every page of a value first, so a damaged length in an LMDB page could run a read off the
+  end of the file (SIGBUS): the map is registered with the C core's SIGBUS guard (csrc/guard.c), which
+  answers such a read with a zero page; the value then fails its checks, and the environment that got a
+  zero page is closed and opened anew before it is used again.
 - Before the environment is opened, its meta pages are read with plain ``pread`` and the file's length
   checked against them: a truncated ``data.mdb`` is reported as damage instead of killing the process.
 - Records are named types (``ChunkEntry``, ``SegmentEntry``, ...) or JSON checked against a schema.
@@ -149,11 +152,51 @@ def _seal(key, payload):
 
 # --- the environment --------------------------------------------------------------------------------------
 class _Env:
-    def __init__(self, env, identity, writable):
+    def __init__(self, env, identity, writable, map_start):
         self.env = env
         self.identity = identity
         self.writable = writable
         self.users = 0
+        self.map_start = map_start  # registered with the SIGBUS guard, or None
+        self.fault_mark = _native.guard_faults()
+
+    def faulted(self):
+        """True if the guard answered a read past the end of a map since this environment was opened."""
+        return _native.guard_faults() != self.fault_mark
+
+    def close(self):
+        if self.map_start is not None:
+            _native.guard_remove(self.map_start)
+            self.map_start = None
+        self.env.close()
+
+
+_native.guard_install()
+
+
+def _map_of(path):
+    """``(start, length)`` of this process's largest memory map of the file ``path`` (LMDB's map of data.mdb),
+    from /proc/self/maps; None where it cannot be found."""
+    try:
+        st = os.stat(path)
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 6 or parts[5].rstrip("\n") != path:
+            continue
+        try:
+            if int(parts[4]) != st.st_ino:
+                continue
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        except ValueError:
+            continue
+        if best is None or hi - lo > best[1]:
+            best = (lo, hi - lo)
+    return best
 
 
 _envs = {}  # realpath -> _Env: one environment per file per process (LMDB forbids two)
@@ -209,6 +252,15 @@ def check_data_file(path):
 
 
 def _open_env(path, writable):
+    """A new environment for ``path``, read-only where it cannot be written, its map under the SIGBUS guard:
+    ``(lmdb.Environment, writable, map start or None)``."""
+    env, w = _open_lmdb(path, writable)
+    region = _map_of(os.path.join(path, "data.mdb"))
+    start = region[0] if region and _native.guard_add(*region) else None
+    return env, w, start
+
+
+def _open_lmdb(path, writable):
     """A new lmdb.Environment for ``path``, read-only where it cannot be written."""
     check_data_file(path)
     map_size = int(os.environ.get("BLOCKSNAP_MAP_SIZE", DEFAULT_MAP_SIZE))
@@ -241,16 +293,20 @@ def acquire_env(path, writable=True):
     ident = _identity(key)
     with _envs_lock:
         ent = _envs.get(key)
-        if ent is not None and (ent.identity != ident or (writable and not ent.writable)):
+        if ent is not None and (ent.identity != ident or (writable and not ent.writable) or ent.faulted()):
             del _envs[key]
             if ent.users == 0:
-                ent.env.close()
+                ent.close()
             ent = None
         if ent is None:
-            env, w = _open_env(key, writable)
-            ent = _envs[key] = _Env(env, ident, w)
+            ent = _envs[key] = _new_env(key, ident, writable)
         ent.users += 1
         return ent
+
+
+def _new_env(key, ident, writable):
+    env, w, start = _open_env(key, writable)
+    return _Env(env, ident, w, start)
 
 
 def release_env(ent):
@@ -261,7 +317,7 @@ def release_env(ent):
         key = next((k for k, v in _envs.items() if v is ent), None)
         if key is not None:
             del _envs[key]
-        ent.env.close()
+        ent.close()
 
 
 def close_env(path):
@@ -270,13 +326,65 @@ def close_env(path):
     with _envs_lock:
         ent = _envs.pop(key, None)
     if ent is not None:
-        ent.env.close()
+        ent.close()
 
 
 def open_envs():
     """Paths of the environments open in this process (tests)."""
     with _envs_lock:
         return list(_envs)
+
+
+_PROBE = """
+import sys
+from blocksnap.store import catalog
+cat = catalog.Catalog(sys.argv[1], None, writable=False)
+with cat.read() as txn:
+    for table, key, raw in txn.raw_items():
+        try:
+            txn.check_raw(key, raw)
+        except Exception:
+            pass
+    for sid in txn.snapshot_ids():
+        try:
+            rec = txn.snapshot(sid)
+            n = -(-(-(-rec["SourceDiskSize"] // rec["ChunkSize"])) // 256)
+            segs = txn.snapshot_map(sid, n) or b""
+        except Exception:
+            continue
+        for i in range(0, len(segs), 16):
+            try:
+                seg = txn.segment(segs[i:i + 16]) if any(segs[i:i + 16]) else None
+            except Exception:
+                continue
+            for j in range(0, len(seg.ids) if seg else 0, 16):
+                try:
+                    txn.chunk(seg.ids[j:j + 16])
+                except Exception:
+                    pass
+"""
+
+
+def probe(path):
+    """True unless reading the whole catalog at ``path`` kills a process: LMDB aborts (an assertion) on some
+    damaged pages, and a verify or repair must still report. The walk, as verify and repair do it, runs in a
+    child process first."""
+    try:
+        import subprocess
+        import sys
+
+        import blocksnap
+    except (OSError, ImportError):
+        return True  # could not look (out of descriptors, say): go on as without the probe
+    try:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(os.path.dirname(os.path.abspath(blocksnap.__file__)))] +
+            [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+        proc = subprocess.run([sys.executable, "-c", _PROBE, path], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, timeout=3600, check=False)
+    except (OSError, ImportError, subprocess.SubprocessError):
+        return True  # could not look (out of descriptors, say): go on as without the probe
+    return proc.returncode >= 0
 
 
 def create(path, repository_id):
@@ -348,10 +456,13 @@ class _TxnContext:
             self.txn = self.catalog.env.begin(write=self.write, buffers=True)
         except lmdb.Error as exc:
             raise errors.translate(exc, "catalog") from exc
-        return Txn(self.txn, self.write)
+        return Txn(self.txn, self.write, self.catalog._ent)
 
     def __exit__(self, typ, exc, tb):
         txn, self.txn = self.txn, None
+        if typ is None and self.catalog._ent.faulted():
+            txn.abort()
+            raise errors.CatalogDamaged(_RAN_OFF)
         if typ is not None:
             txn.abort()
             if isinstance(exc, lmdb.Error):
@@ -364,12 +475,16 @@ class _TxnContext:
         return False
 
 
+_RAN_OFF = "(a value of data.mdb runs past the end of the file: a damaged LMDB page)"
+
+
 class Txn:
     """Typed access to the catalog's tables inside one LMDB transaction. Every read is checked."""
 
-    def __init__(self, txn, write):
+    def __init__(self, txn, write, ent=None):
         self._t = txn
         self.write = write
+        self._ent = ent
 
     # --- raw access with checks -----------------------------------------------------------------
     def _get(self, key, max_len, what):
@@ -378,8 +493,9 @@ class Txn:
             return None
         return self._open(key, raw, max_len, what)
 
-    @staticmethod
-    def _open(key, raw, max_len, what):
+    def _open(self, key, raw, max_len, what):
+        if self._ent is not None and self._ent.faulted():
+            raise errors.CatalogDamaged(_RAN_OFF)
         n = len(raw)  # a memoryview into the map: its length is read without touching the bytes
         if n < CHECKSUM_LEN or n > max_len + CHECKSUM_LEN:
             raise errors.CatalogDamaged(f"({what}: a value of {n} bytes)")

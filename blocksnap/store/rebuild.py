@@ -37,6 +37,9 @@ def _salvage(repo, report, bad_packs=()):
     trailer): ``[(pack id, Record)]``."""
     path = os.path.join(repo.path, "catalog")
     snaps, failed, disks, segs, epoch, records = {}, [], {}, {}, 0, []
+    if os.path.exists(os.path.join(path, "data.mdb")) and not catalogs.probe(path):
+        report["OldCatalog"] = "unreadable: LMDB stopped reading it on a damaged page"
+        return snaps, failed, disks, segs, epoch, records
     try:
         old = catalogs.Catalog(path, None, writable=False)
     except errors.BlocksnapError as exc:
