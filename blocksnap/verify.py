@@ -21,7 +21,7 @@ from .restore import BATCH_CHUNKS, _pack_fd, _restorer, window_ids
 from .store import catalog as catalogs
 from .store import objects, refs
 from .store.config import SEGMENT_CHUNKS
-from .store.packs import CODEC_RAW, KIND_CHUNK, KIND_SEGMENT, read_trailer
+from .store.packs import CODEC_RAW, KIND_CHUNK, KIND_SEGMENT, TAIL, read_header, read_trailer
 
 OFFSETS_SHOWN = 4096  # offsets listed per affected snapshot and damaged object
 
@@ -395,16 +395,39 @@ class _Verifier:
         present = set(repo.backend.list_packs())
         for pack_id in sorted(present):
             try:
-                listed = {r.offset: r.id for r in read_trailer(repo.backend, pack_id)}
+                records = read_trailer(repo.backend, pack_id)
+                listed = {r.offset: r.id for r in records}
             except (errors.RepositoryDamaged, OSError) as exc:
                 if pack_id in named:
                     self.bad_packs[pack_id] = (str(exc), named[pack_id])
                 continue
+            self._check_pack_frame(pack_id)
             for offset, rid in named.get(pack_id, {}).items():
                 if listed.get(offset) != rid:
                     self.bad_packs[pack_id] = (f"its trailer does not list the record at {offset}",
                                                named[pack_id])
                     break
+
+    def _check_pack_frame(self, pack_id):
+        """The bytes of a pack no read depends on: its header (magic and id) and the zero padding before its
+        tail. Damage there affects no snapshot; it is a problem all the same."""
+        backend = self.repo.backend
+        name = pack_id.hex()
+        try:
+            read_header(backend, pack_id)
+        except (errors.RepositoryDamaged, OSError) as exc:
+            self.problems.append({"What": f"pack {name}", "Problem": f"its header is damaged ({exc}); its records "
+                                  "are found through its trailer"})
+        try:
+            size = backend.pack_size(pack_id)
+            tail = backend.read_pack(pack_id, size - TAIL.size, TAIL.size)
+            _, index_len, _, index_off, _ = TAIL.unpack(tail)
+            pad = backend.read_pack(pack_id, index_off + index_len, size - TAIL.size - index_off - index_len)
+        except OSError as exc:
+            self.problems.append({"What": f"pack {name}", "Problem": f"cannot be read ({exc.strerror})"})
+            return
+        if any(pad):
+            self.problems.append({"What": f"pack {name}", "Problem": "the padding before its tail is not zero"})
 
     # --- the store's objects --------------------------------------------------------------------------
     def _check_object(self, rec, seg_ids):

@@ -100,9 +100,11 @@ def cmd_repair(args, client):
               f"{out['SegmentsRewritten']} segment(s) written anew from the old catalog")
         for lost in out["Lost"]:
             print(f"LOST {lost['SnapshotId']}: {lost['Problem']}")
+        for part in out["Incomplete"]:
+            print(f"INCOMPLETE {part['SnapshotId']}: {part['Problem']}")
         for p in out["Problems"]:
             print(f"PROBLEM {p['What']}: {p['Problem']}")
-    return 1 if out["Lost"] else 0
+    return 1 if out["Lost"] or out["Incomplete"] else 0
 
 
 def cmd_upgrade(args, client):

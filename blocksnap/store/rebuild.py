@@ -23,7 +23,7 @@ import shutil
 
 from .. import _native, errors
 from . import catalog as catalogs
-from . import objects, refs
+from . import objects, packs, refs
 from .catalog import ZERO_ID, ChunkEntry, PackEntry, SegmentEntry, TokenEntry
 from .layout import crashpoint
 from .packs import CODEC_RAW, KIND_CHUNK, KIND_SEGMENT, RECORD, Record, read_trailer
@@ -130,6 +130,28 @@ def _rescue(repo, stranded, report):
     return copied
 
 
+def _walk_records(repo, pack_id):
+    """``[(pack id, Record)]`` of the records of a pack found by their headers (its trailer is damaged): from
+    the header on, record after record; past anything that is not a record header (a punched dead record,
+    damage) the next ``BSCK`` is looked for. Only what the caller then checks with the C core is kept, so a
+    false header costs nothing."""
+    try:
+        data = repo.backend.read_pack(pack_id, 0, repo.backend.pack_size(pack_id))
+    except OSError:
+        return []
+    limit = max(repo.chunk_size, 4096)
+    out, pos = [], packs.PACK_HEADER.size
+    while 0 <= pos <= len(data) - RECORD.size:
+        magic, codec, kind, raw_len, stored_len, rid = RECORD.unpack_from(data, pos)
+        if magic == packs.RECORD_MAGIC and codec in (CODEC_RAW, 1) and kind in (KIND_CHUNK, KIND_SEGMENT) \
+                and 0 < raw_len <= limit and 0 < stored_len <= limit + 64 and pos + RECORD.size + stored_len <= len(data):
+            out.append((pack_id, Record(rid, pos, stored_len, raw_len, codec, kind)))
+            pos += RECORD.size + stored_len
+        else:
+            pos = data.find(packs.RECORD_MAGIC, pos + 1)
+    return out
+
+
 def recover_swap(path):
     """Clear what an interrupted rebuild left: a killed swap (no ``catalog``, the old one beside it) gets
     the old one back, so that it can still be salvaged; half-built catalogs go."""
@@ -190,6 +212,9 @@ def _repair(repo, progress):
             bad_packs.add(pack_id)
     old_snaps, old_failed, old_disks, old_segs, old_epoch, stranded = _salvage(repo, report, bad_packs)
     report["RecordsRewritten"] = _rescue(repo, stranded, report)
+    # Packs with a damaged trailer that the old catalog could not speak for: walk their records by headers.
+    for pack_id in sorted(bad_packs - {p for p, _ in stranded}):
+        report["RecordsRewritten"] += _rescue(repo, _walk_records(repo, pack_id), report)
 
     # --- the store's objects, mended from the old catalog where it has a good copy ---------------------
     stored = {}
@@ -413,6 +438,7 @@ def _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, 
         for s in refs.split_ids(seg_ids):
             if s != ZERO_ID:
                 seg_uses[s] = seg_uses.get(s, 0) + 1
+    missing = set()
     with new.write() as txn:
         for s, uses in seg_uses.items():
             pack_id, offset, ids = segments[s]
@@ -421,10 +447,21 @@ def _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, 
             for j in _native.nonzero_ids(ids):
                 cid = ids[16 * j:16 * j + 16]
                 if txn.chunk(cid) is None:
-                    report["Problems"].append({"What": f"chunk {cid.hex()}", "Problem": "named by a map segment, "
-                                               "stored in no pack"})
+                    missing.add(cid)
                     continue
                 txn.add_chunk_ref(cid, +1)
+    report["Incomplete"] = []
+    if missing:
+        filt = _native.IdFilter(missing)
+        for sid, (rec, seg_ids) in sorted(good.items()):
+            filt.clear()
+            for s in refs.split_ids(seg_ids):
+                if s != ZERO_ID:
+                    filt.feed(segments[s][2])
+            if filt.any_found():
+                report["Incomplete"].append({"SnapshotId": sid, "Problem": f"{len(filt.found())} of its chunks are "
+                                             "stored in no pack: restores refuse; 'blocksnap verify' names the "
+                                             "offsets"})
     newest = {}
     max_seq = min_seq
     with new.write() as txn:
