@@ -70,6 +70,16 @@ def mark_failed(rec, exc):
     rec.pop("Pid", None)
 
 
+def release_token(txn, rec):
+    """Forget the ClientToken of a record being removed, if this record holds it: a retry after a failed
+    create takes the token over, and only its holder releases it."""
+    token = rec.get("ClientToken")
+    if token:
+        held = txn.token(token)
+        if held is not None and held.snapshot_id == rec["SnapshotId"]:
+            txn.delete_token(token)
+
+
 def died(rec):
     """The failed record a reader shows for a create whose process is gone (nothing is written)."""
     out = dict(rec)
@@ -423,12 +433,7 @@ class Repository:
             if segs is not None:
                 dead = refs.drop_map_refs(txn, segs)
             txn.delete_snapshot(rec)
-            token = rec.get("ClientToken")
-            if token:
-                # A retry after a failed create takes the token over: only its holder releases it.
-                held = txn.token(token)
-                if held is not None and held.snapshot_id == snapshot_id:
-                    txn.delete_token(token)
+            release_token(txn, rec)
         return dead
 
     def finish_deletes(self):

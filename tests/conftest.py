@@ -78,6 +78,22 @@ def run_cli(*args, env=None, check=False, input=None, timeout=300):
     return proc
 
 
+def child_env(**extra):
+    """The environment of a child process that imports the same blocksnap as this one, plus ``extra``."""
+    import blocksnap
+
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(blocksnap.__file__))))
+    env.update(extra)
+    return env
+
+
+def cli(*args, timeout=300, **extra_env):
+    """``python -m blocksnap ARGS`` run to completion in a child (``extra_env`` added to its environment);
+    returns the CompletedProcess (text). A crash shows as a negative return code."""
+    return subprocess.run([sys.executable, "-m", "blocksnap", *args], capture_output=True, text=True,
+                          env=child_env(**extra_env), timeout=timeout, check=False)
+
+
 def files_equal(a, b):
     with open(a, "rb") as fa, open(b, "rb") as fb:
         while True:

@@ -8,24 +8,12 @@ import sys
 import time
 
 import pytest
-from conftest import MiB, files_equal, write_random
+from conftest import MiB, child_env, cli, files_equal, write_random
 
-import blocksnap
 from blocksnap.api import Client
 from blocksnap.store import catalog as catalogs
 
 CHUNK = 64 << 10
-
-
-def child_env(**extra):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(blocksnap.__file__))))
-    env.update(extra)
-    return env
-
-
-def cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "blocksnap", *args], capture_output=True, text=True,
-                          env=child_env(), timeout=timeout, check=False)
 
 
 @pytest.fixture

@@ -3,28 +3,14 @@ store from the catalog's checked copies where the store lost something."""
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import pytest
-from conftest import MiB, files_equal, write_image
+from conftest import MiB, cli, files_equal, write_image
 
-import blocksnap
 from blocksnap.api import Client
 from blocksnap.store import catalog as catalogs
 
 CS = 64 << 10
-
-
-def child_env(**extra):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(blocksnap.__file__))))
-    env.update(extra)
-    return env
-
-
-def cli(*args, **extra):
-    return subprocess.run([sys.executable, "-m", "blocksnap", *args], capture_output=True, text=True,
-                          env=child_env(**extra), timeout=300, check=False)
 
 
 def rand(n, seed):

@@ -9,9 +9,8 @@ import sys
 import time
 
 import pytest
-from conftest import MiB, allocated, restores_identical, write_random
+from conftest import MiB, allocated, child_env, restores_identical, write_random
 
-import blocksnap
 from blocksnap.api import Client
 from blocksnap.store import gc as gcmod
 
@@ -37,10 +36,6 @@ _native.Scanner.scan = scan
 from blocksnap.cli.main import main
 sys.exit(main(sys.argv[3:]))
 """
-
-
-def child_env():
-    return dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(blocksnap.__file__))))
 
 
 def wait_for(path, proc, timeout=60):

@@ -11,24 +11,14 @@ import sys
 import tarfile
 
 import pytest
+from conftest import child_env, cli
 
-import blocksnap
 from blocksnap import errors
 from blocksnap.api import Client
 from blocksnap.store import catalog as catalogs
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "v1-repo.tar.gz")
 
-
-def child_env(**extra):
-    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(blocksnap.__file__))))
-    env.update(extra)
-    return env
-
-
-def cli(*args, **extra):
-    return subprocess.run([sys.executable, "-m", "blocksnap", *args], capture_output=True, text=True,
-                          env=child_env(**extra), timeout=300, check=False)
 
 
 @pytest.fixture

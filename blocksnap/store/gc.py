@@ -189,6 +189,8 @@ def execute(repo, on_wait=None, on_readers=None, now=None, max_unused=None, grac
 
 
 def _remove_failed(repo, snapshot_ids):
+    from ..repository import release_token
+
     if not snapshot_ids:
         return
     with repo.catalog.write() as txn:
@@ -197,11 +199,7 @@ def _remove_failed(repo, snapshot_ids):
             if rec is None or rec["Status"] != "failed":
                 continue
             txn.delete_snapshot(rec)
-            token = rec.get("ClientToken")
-            if token:
-                held = txn.token(token)
-                if held is not None and held.snapshot_id == sid:
-                    txn.delete_token(token)
+            release_token(txn, rec)
 
 
 def repack(repo, pack_ids, job):
