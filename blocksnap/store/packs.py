@@ -15,7 +15,7 @@ import fcntl
 import os
 import struct
 import threading
-from typing import NamedTuple
+from collections import namedtuple
 
 from .. import _native, errors
 
@@ -50,14 +50,8 @@ STAGE_BYTES = 4 << 20  # a pack is written in pieces of this size
 STAGES = 2  # staging buffers per writer
 
 
-class Record(NamedTuple):
-    """One record of a pack, as its trailer lists it."""
-    id: bytes
-    offset: int  # of its 32-byte header
-    stored_len: int
-    raw_len: int
-    codec: int
-    kind: int
+Record = namedtuple("Record", "id offset stored_len raw_len codec kind")
+Record.__doc__ = "One record of a pack, as its trailer lists it (offset: of its 32-byte header)."
 
 
 def build_trailer(pack_id, end, records):
@@ -220,13 +214,9 @@ class PackStore:
 _EVERY_WRITE = (1 << 64) - 1  # for PackStager.wait: every write handed over so far
 
 
-class Sealed(NamedTuple):
-    """A pack handed over by :meth:`PackWriter.detach`: wait for ``last_write``, then make it durable."""
-    pack_id: bytes
-    fd: int
-    size: int
-    records: list  # [Record]
-    last_write: int
+Sealed = namedtuple("Sealed", "pack_id fd size records last_write")
+Sealed.__doc__ = ("A pack handed over by PackWriter.detach (its records: [Record]): wait for last_write, then make "
+                  "it durable.")
 
 
 class PackWriter:
