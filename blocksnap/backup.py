@@ -613,13 +613,20 @@ class _Create:
                 if pack_id not in self.sealed:
                     self.repo.packs.remove(pack_id)  # never indexed: nobody else can know it
         try:
+            sid = self.rec["SnapshotId"]
+            with self.cat.read() as txn:
+                cur = txn.snapshot(sid)
+            if cur is None or cur["Status"] != ACCOMPLISHED:
+                # The commit did not happen: an object stored for it would make readers (and repair) take
+                # the snapshot for accomplished once its data is reclaimed below.
+                self.repo.backend.delete_object("snapshots", sid)
             with self.cat.write() as txn:
-                rec = txn.snapshot(self.rec["SnapshotId"])
+                rec = txn.snapshot(sid)
                 if rec is not None and rec["Status"] == PROGRESSING:
                     mark_failed(rec, exc)
                     txn.put_snapshot(rec)
                     self.rec = rec
-        except errors.BlocksnapError:
+        except (errors.BlocksnapError, OSError):
             pass  # the record stays progressing; readers see its lock gone and call it failed
         if not self.sealed:
             return

@@ -241,17 +241,24 @@ class Repository:
         disk_id = new_id("d-")
         rec = {"DiskId": disk_id, "DiskName": name or os.path.basename(real), "Path": real,
                "Type": kind, "Size": size, "CreationTime": now_iso()}
+        # Held shared like a create: gc, which removes the objects of disks a killed 'disk add' left
+        # unrecorded, cannot take this one's for such a leftover.
+        lock = self.lock_shared()
         try:
-            self.backend.put_object("disks", disk_id, objects.encode_disk(rec))
-        except OSError as exc:
-            raise errors.translate(exc, "writing the disk object") from None
-        with self.catalog.write() as txn:
-            existing = txn.disk_id_of_path(real)
-            if existing is not None:  # registered meanwhile by another process
-                self.backend.delete_object("disks", disk_id)
-                raise errors.DiskAlreadyRegistered(f"({real} is {existing})")
-            txn.put_disk(rec)
-            txn.put_disk_path(real, disk_id)
+            try:
+                self.backend.put_object("disks", disk_id, objects.encode_disk(rec))
+            except OSError as exc:
+                raise errors.translate(exc, "writing the disk object") from None
+            crashpoint("disk-object-written")
+            with self.catalog.write() as txn:
+                existing = txn.disk_id_of_path(real)
+                if existing is not None:  # registered meanwhile by another process
+                    self.backend.delete_object("disks", disk_id)
+                    raise errors.DiskAlreadyRegistered(f"({real} is {existing})")
+                txn.put_disk(rec)
+                txn.put_disk_path(real, disk_id)
+        finally:
+            lock.release()
         return rec
 
     def get_disk(self, disk_id, txn=None):
@@ -324,10 +331,13 @@ class Repository:
     def segment_ids(self, txn, rec):
         """The segment ids of an accomplished snapshot's map (from the store if the catalog has not
         recorded it yet, see :meth:`view`)."""
-        if txn.snapshot_map(rec["SnapshotId"], refs.segments_of_size(rec["SourceDiskSize"], rec["ChunkSize"])) \
-                is None:
+        n = refs.segments_of_size(rec["SourceDiskSize"], rec["ChunkSize"])
+        if txn.snapshot_map(rec["SnapshotId"], n) is None:
             stored = self.stored_snapshot(rec["SnapshotId"])
             if stored is not None:
+                if len(stored[1]) != 16 * n:
+                    raise errors.StoreDamaged(f"(the object of {rec['SnapshotId']} holds {len(stored[1]) // 16} "
+                                              f"segments, its size needs {n})")
                 return stored[1]
         return refs.map_of(txn, rec)
 

@@ -111,7 +111,7 @@ def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, s
         fd, fresh, unnamed = _open_output(output, in_place, size)
         done = False
         try:
-            written = _restore_into(repo, fd, fresh, seg_ids, size, progress)
+            written = _restore_into(repo, fd, fresh, seg_ids, size, progress, snapshot_id)
             if sync:
                 os.fsync(fd)
             if unnamed:
@@ -275,7 +275,7 @@ def _restorer(chunk_size):
     return restorer
 
 
-def _restore_into(repo, fd, fresh, seg_ids, size, progress):
+def _restore_into(repo, fd, fresh, seg_ids, size, progress, snapshot_id=None):
     cs = repo.chunk_size
     n = -(-size // cs)
     can_punch = [not fresh]
@@ -323,8 +323,16 @@ def _restore_into(repo, fd, fresh, seg_ids, size, progress):
         for s0 in range(0, n_segs, segs_per_window):
             count = min(segs_per_window, n_segs - s0)
             with repo.catalog.read() as txn:
-                ids = window_ids(txn, seg_ids, s0, count, n)
-                located = locate(txn, ids, s0 * SEGMENT_CHUNKS, cs, include_zero=not fresh)
+                try:
+                    ids = window_ids(txn, seg_ids, s0, count, n)
+                    located = locate(txn, ids, s0 * SEGMENT_CHUNKS, cs, include_zero=not fresh)
+                except errors.RepositoryDamaged:
+                    # Each window is read in a transaction of its own: a delete that came between is not damage.
+                    rec = txn.snapshot(snapshot_id) if snapshot_id else None
+                    if snapshot_id and (rec is None or rec.get("Deleting")):
+                        raise errors.RestoreFailed(f"(snapshot {snapshot_id} was deleted while it was restored)") \
+                            from None
+                    raise
             located.sort(key=lambda t: (b"", 0) if t[2] is None else (t[2].pack_id, t[2].offset))
             for k in range(0, len(located), BATCH_CHUNKS):
                 pending.append(pool.submit(work, located[k:k + BATCH_CHUNKS]))

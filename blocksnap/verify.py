@@ -298,6 +298,20 @@ class _Verifier:
         except errors.RepositoryDamaged:
             pass  # attributed by the walk
 
+    def _records(self, txn):
+        """The snapshot records that can be read (memoised for one walk)."""
+        if getattr(self, "_readable_records", None) is None:
+            out = []
+            for sid in txn.snapshot_ids():
+                try:
+                    rec = txn.snapshot(sid)
+                except errors.RepositoryDamaged:
+                    continue
+                if rec is not None:
+                    out.append(rec)
+            self._readable_records = out
+        return self._readable_records
+
     def _good_disks(self, txn):
         prefix_ids = [k.decode("ascii", "replace") for k in txn.keys("disks")]
         out = []
@@ -457,6 +471,8 @@ class _Verifier:
                     rec = txn.snapshot(sid)
                 except errors.RepositoryDamaged:
                     continue
+                if rec is None:
+                    continue  # deleted since the catalog was walked
                 self._check_object(rec, self.maps[sid])
             catalog_sids = set(txn.snapshot_ids())
             for sid in repo.backend.list_objects("snapshots"):
@@ -478,7 +494,10 @@ class _Verifier:
                 except errors.RepositoryDamaged:
                     continue
                 if rec is None:
-                    self.problems.append({"What": f"disk object {did}", "Problem": "the catalog has no record of it"})
+                    if any(r["SourceDiskId"] == did for r in self._records(txn)):
+                        self.problems.append({"What": f"disk object {did}", "Problem": "the catalog has no record "
+                                              "of it, and snapshots name it ('blocksnap repair' adds it)"})
+                    # else: what a 'disk add' killed before its catalog transaction leaves; gc removes it
                 elif {k: v for k, v in rec.items() if k != "Size"} != {k: v for k, v in stored.items() if k != "Size"}:
                     self.problems.append({"What": f"disk {did}", "Problem": "its object differs from the catalog"})
             for rec in self._good_disks(txn):

@@ -128,6 +128,14 @@ def path_key(path):
     return _native.hash128(path.encode("utf-8", "surrogateescape"))
 
 
+def _name(name, what):
+    """The key bytes of an ASCII record name; a name read from a damaged key (U+FFFD) is damage."""
+    try:
+        return name.encode("ascii")
+    except UnicodeEncodeError:
+        raise errors.CatalogDamaged(f"({what} {name!r}: its key is not ASCII, a damaged key)") from None
+
+
 def _seal(key, payload):
     return payload + _native.hash64(key + payload)
 
@@ -544,7 +552,7 @@ class Txn:
     # --- disks ----------------------------------------------------------------------------------
     def disk(self, disk_id):
         """The disk record of ``disk_id``, or None."""
-        key = TABLES["disks"] + disk_id.encode("ascii")
+        key = TABLES["disks"] + _name(disk_id, "disk record")
         raw = self._get(key, MAX_JSON, f"disk record {disk_id}")
         if raw is None:
             return None
@@ -572,7 +580,7 @@ class Txn:
     # --- snapshots ------------------------------------------------------------------------------
     def snapshot(self, snapshot_id):
         """The snapshot record of ``snapshot_id`` as stored (dead creators not settled), or None."""
-        key = TABLES["snapshots"] + snapshot_id.encode("ascii")
+        key = TABLES["snapshots"] + _name(snapshot_id, "snapshot record")
         raw = self._get(key, MAX_JSON, f"snapshot record {snapshot_id}")
         if raw is None:
             return None
@@ -604,7 +612,7 @@ class Txn:
 
     def disk_snapshot_ids(self, disk_id, reverse=False):
         """The SnapshotIds of one disk in creation order (newest first with ``reverse``)."""
-        prefix = TABLES["disk_snaps"] + disk_id.encode("ascii")
+        prefix = TABLES["disk_snaps"] + _name(disk_id, "snapshot order of")
         out = []
         for key, raw in self._scan(prefix):
             sid = self._open(key, raw, SNAPSHOT_ID_LEN, f"snapshot order entry of {disk_id}")
@@ -615,7 +623,7 @@ class Txn:
     def snapshot_map(self, snapshot_id, segments):
         """The segment ids (16 bytes each) of an accomplished snapshot's map; ``segments`` is how many
         it must have (from its size and chunk size). None if there is no map."""
-        key = TABLES["maps"] + snapshot_id.encode("ascii")
+        key = TABLES["maps"] + _name(snapshot_id, "chunk map")
         raw = self._get(key, ID_LEN * segments, f"chunk map of {snapshot_id}")
         if raw is not None and len(raw) != ID_LEN * segments:
             raise errors.CatalogDamaged(f"(chunk map of {snapshot_id} has {len(raw) // ID_LEN} segments, "
@@ -764,7 +772,7 @@ class Txn:
 
     # --- tokens ---------------------------------------------------------------------------------
     def token(self, token):
-        key = TABLES["tokens"] + token.encode("ascii")
+        key = TABLES["tokens"] + _name(token, "ClientToken")
         raw = self._get(key, MAX_JSON, f"ClientToken {token!r}")
         if raw is None:
             return None

@@ -97,12 +97,13 @@ def load(repo_path):
         if ours:
             raise errors.RepositoryDamaged(f"({repo_path}: its config is unreadable)") from None
         raise errors.RepositoryNotFound(f"({repo_path}: config is not a blocksnap repository config)") from None
+    # The checksum first: a damaged digit of Version must read as damage, not as another version.
+    if ("Checksum" in config or version >= 2) and config.get("Checksum") != checksum(config):
+        raise errors.RepositoryDamaged(f"({repo_path}: its config fails its checksum)")
     if version > FORMAT_VERSION:
         raise errors.RepositoryVersionUnsupported(found=version, supported=FORMAT_VERSION)
     if version < OLDEST_VERSION:
         raise errors.RepositoryDamaged(f"({repo_path}: config names format version {version})")
-    if version >= 2 and config.get("Checksum") != checksum(config):
-        raise errors.RepositoryDamaged(f"({repo_path}: its config fails its checksum)")
     if not valid_chunk_size(config.get("ChunkSize")):
         raise errors.RepositoryDamaged(f"({repo_path}: config has an invalid ChunkSize {config.get('ChunkSize')!r})")
     if config.get("SegmentChunks", SEGMENT_CHUNKS) != SEGMENT_CHUNKS or not isinstance(config.get("RepositoryId"), str):

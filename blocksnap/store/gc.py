@@ -52,11 +52,18 @@ def _failed_old(rec, now, grace):
         return True
 
 
+def _refuse(key, exc):
+    raise exc  # gc never removes anything on a damaged index: 'blocksnap repair' first
+
+
 def plan(repo, now=None, max_unused=None, grace=FAILED_GRACE):
     """What gc would do, as a dict of lists and byte counts. Changes nothing.
 
     The expired snapshots count as deleted: their chunks that nothing else references are among
     DeadChunks, as gc will find them after deleting the snapshots.
+
+    Raises:
+        CatalogDamaged: an index entry is damaged; nothing may be removed until repair rebuilds the index.
     """
     now = time.time() if now is None else now
     dead, dead_bytes, dead_segs = [], 0, []
@@ -70,7 +77,7 @@ def plan(repo, now=None, max_unused=None, grace=FAILED_GRACE):
         index = {}  # pack id -> {offset: id} of records the index names
         drops = {}  # chunk id -> its places in segments that are (or will be) dead
         seg_bytes = {}
-        for sid, seg in txn.segment_items(lambda s, exc: None):
+        for sid, seg in txn.segment_items(_refuse):
             index.setdefault(seg.pack_id, {})[seg.offset] = sid
             if txn.segment_refs(sid) == 0 or sid in dying_segs:
                 dead_segs.append(sid)
@@ -109,9 +116,11 @@ def plan(repo, now=None, max_unused=None, grace=FAILED_GRACE):
                 unnamed.append((pack_id, offset, length))
                 unnamed_bytes += left
         if max_unused is not None:
-            size = repo.backend.pack_size(pack_id)
+            # The share of its records' bytes that no live entry names (its header, trailer and padding
+            # are not counted: a repacked pack has them too).
+            total = sum(RECORD.size + r.stored_len for r in records)
             live = named_packs.get(pack_id, 0)
-            if size and live and (size - live) / size > max_unused:
+            if total and live and (total - live) / total > max_unused:
                 repack.append(pack_id)
                 repack_bytes += live
     stale_entries = sorted(known_packs - set(files))
@@ -176,6 +185,10 @@ def execute(repo, on_wait=None, on_readers=None, now=None, max_unused=None, grac
             with repo.catalog.write() as txn:  # a pack removed by a process killed before its catalog commit
                 for pack_id in p["StalePackEntries"]:
                     txn.delete_pack(pack_id)
+        p["DiskObjectsRemoved"] = _remove_unrecorded_disks(repo)
+        from .rebuild import clear_leftovers
+
+        clear_leftovers(repo.path)
         p["EmptyDirsRemoved"] = repo.backend.remove_empty_dirs()
         for kind in ("snapshots", "disks"):
             repo.backend.clear_temporaries(kind)
@@ -186,6 +199,32 @@ def execute(repo, on_wait=None, on_readers=None, now=None, max_unused=None, grac
     finally:
         lock.release()
     return p
+
+
+def _remove_unrecorded_disks(repo):
+    """Remove the objects of disks the catalog does not know and no snapshot names: what a 'disk add' killed
+    between writing its object and its catalog transaction leaves (it holds the repository lock shared, so
+    none is running now). Returns how many."""
+    from . import objects
+
+    with repo.catalog.read() as txn:
+        known = {did.decode("ascii", "replace") for did in txn.keys("disks")}
+        named = {rec["SourceDiskId"] for rec in txn.snapshots()}
+    removed = 0
+    for did in repo.backend.list_objects("disks"):
+        if did in known or did in named:
+            continue
+        for sid in repo.backend.list_objects("snapshots"):
+            try:
+                stored = objects.decode_snapshot(sid, repo.backend.get_object("snapshots", sid))
+            except errors.StoreDamaged:
+                return removed  # a damaged object might name it: keep every disk object
+            if stored and stored[0]["SourceDiskId"] == did:
+                break
+        else:
+            repo.backend.delete_object("disks", did)
+            removed += 1
+    return removed
 
 
 def _remove_failed(repo, snapshot_ids):

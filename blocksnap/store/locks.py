@@ -122,7 +122,9 @@ class ReaderEpochs:
             epoch = read_epoch()
             lock = FileLock(self.path(epoch), readonly=True)
             try:
-                if lock.acquire(exclusive=False, blocking=False):
+                # Still epoch e once the lock is held: no flip past e+1 can have drained this parity
+                # before the lock was taken (else a writer may not wait for this reader: read again).
+                if lock.acquire(exclusive=False, blocking=False) and read_epoch() == epoch:
                     return lock
             except FileNotFoundError:
                 lock.release()

@@ -77,6 +77,10 @@ def decode_snapshot(name, data):
     if rec["SnapshotId"] != name or rec["Status"] != "accomplished":
         raise errors.StoreDamaged(f"(snapshot object {name} holds the record of {rec['SnapshotId']!r}, "
                                   f"{rec['Status']})")
+    segments = -(-(-(-rec["SourceDiskSize"] // rec["ChunkSize"])) // 256)
+    if len(seg_ids) != 16 * segments:
+        raise errors.StoreDamaged(f"(snapshot object {name} holds {len(seg_ids) // 16} segment ids, its size "
+                                  f"needs {segments})")
     return rec, seg_ids
 
 

@@ -167,6 +167,15 @@ def recover_swap(path):
             shutil.rmtree(os.path.join(path, name), ignore_errors=True)
 
 
+def clear_leftovers(path):
+    """Remove what an interrupted repair or upgrade left beside a working version-2 catalog (gc)."""
+    if not os.path.exists(os.path.join(path, "catalog", "data.mdb")):
+        return
+    for name in os.listdir(path):
+        if name.startswith(("catalog.rebuild-", "catalog.old-", "catalog.v1-")):
+            shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+
+
 def _safe(fn, default):
     try:
         return fn()
@@ -274,6 +283,7 @@ def build_catalog(repo, report, stored, disks, old_failed=(), old_segs=None, old
         segments = _read_segments(repo, needed, seg_locs, old_segs or {}, report, new)
         _settle_duplicates(repo, new, segments, dups)
         _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, min_seq)
+        _drop_unnamed_chunks(new, report)
         report["Packs"] = packs
         new.env.sync(True)
     except BaseException:
@@ -424,6 +434,17 @@ def _settle_duplicates(repo, new, segments, dups):
     repo.packs.close()
 
 
+def _drop_unnamed_chunks(new, report):
+    """Forget the chunks no indexed segment names. A trailer keeps listing a record after gc punched it (or
+    after a create punched its duplicate), so such an entry may point at zeros; a create would deduplicate
+    against it and commit a snapshot that cannot be restored. gc finds these records through the trailers."""
+    with new.write() as txn:
+        dead = [cid for cid, e in txn.chunks() if e.refcount == 0]
+        for cid in dead:
+            txn.delete_chunk(cid)
+        report["Chunks"] = txn.count("chunks")
+
+
 def _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, min_seq=0):
     """Segments, counts, records, maps, tokens and disks of the new catalog."""
     seg_uses = {}
@@ -487,6 +508,14 @@ def _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, 
                 txn.put_token(rec["ClientToken"], TokenEntry(rec["ParamsHash"], rec["SnapshotId"]))
             max_seq = max(max_seq, rec["Seq"])
             carried += 1
+        # One disk per path: a 'disk add' killed after its object and before its catalog record, then run
+        # again, leaves two objects for one path; the one snapshots name (else the newest) is the disk.
+        by_path = {}
+        for did in sorted(disks, key=lambda d: (d in newest, disks[d]["CreationTime"])):
+            by_path[disks[did]["Path"]] = did
+        for did in [d for d in disks if by_path.get(disks[d]["Path"]) != d and d not in newest]:
+            del disks[did]
+            repo.backend.delete_object("disks", did)  # a killed 'disk add' left it; nothing names it
         for did in set(disks) | set(newest):
             rec = dict(disks.get(did) or {"DiskId": did, "DiskName": did, "Path": "", "Type":
                                           newest[did]["SourceDiskType"], "Size": 0,

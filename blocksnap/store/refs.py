@@ -104,6 +104,15 @@ def segment_uses(txn, recs):
     return uses
 
 
+def _unique_segments(txn, recs):
+    """The segments that only these snapshots hold (every place that names them is in their maps)."""
+    for sid, uses in segment_uses(txn, recs).items():
+        if txn.segment_refs(sid) == uses:
+            seg = txn.segment(sid)
+            if seg is not None:
+                yield seg
+
+
 def chunks_freed_by(txn, recs):
     """``{chunk id: ChunkEntry}`` of the chunks that deleting these snapshots would leave unreferenced.
 
@@ -112,12 +121,7 @@ def chunks_freed_by(txn, recs):
     shares is not counted until gc has removed it.)
     """
     chunk_uses = {}
-    for sid, uses in segment_uses(txn, recs).items():
-        if txn.segment_refs(sid) != uses:
-            continue  # another snapshot holds this segment too
-        seg = txn.segment(sid)
-        if seg is None:
-            continue
+    for seg in _unique_segments(txn, recs):
         ids = seg.ids
         for j in _native.nonzero_ids(ids):
             cid = ids[16 * j:16 * j + 16]
@@ -131,8 +135,26 @@ def chunks_freed_by(txn, recs):
 
 
 def exclusive_bytes(txn, rec):
-    """Stored bytes deleting this snapshot would free now."""
-    return sum(e.stored_len for e in chunks_freed_by(txn, [rec]).values())
+    """Stored bytes deleting this snapshot would free now. Memory stays small whatever the image's size: a
+    chunk named once in the whole repository (the common case) is counted as it is met; only chunks named
+    several times are remembered until all of this snapshot's places for them are counted."""
+    total = 0
+    several = {}  # chunk id -> [places here, entry]
+    for seg in _unique_segments(txn, [rec]):
+        ids = seg.ids
+        for j in _native.nonzero_ids(ids):
+            cid = ids[16 * j:16 * j + 16]
+            if cid in several:
+                several[cid][0] += 1
+                continue
+            entry = txn.chunk(cid)
+            if entry is None:
+                continue
+            if entry.refcount == 1:
+                total += entry.stored_len
+            else:
+                several[cid] = [1, entry]
+    return total + sum(e.stored_len for uses, e in several.values() if e.refcount == uses)
 
 
 # --- the mark ---------------------------------------------------------------------------------------------
@@ -302,7 +324,10 @@ class Reclaim:
             return 0
         # Epoch 0: never named by the index (a create's duplicates), no reader can see it.
         ready_now = any(e.epoch >= epoch and e.epoch for _, _, e in todo) and self._drain(epoch - 1)
-        todo = [t for t in todo if t[2].epoch < epoch or not t[2].epoch or ready_now]
+        def is_ready(ent):
+            return ent.epoch < epoch or not ent.epoch or ready_now
+        waiting = {pack_id for pack_id, _, ent in todo if not is_ready(ent)}  # a reader may still read these
+        todo = [t for t in todo if is_ready(t[2])]
         if not todo:
             return self.freed
         by_pack = {}
@@ -310,7 +335,7 @@ class Reclaim:
             by_pack.setdefault(pack_id, []).append((offset, ent.length))
         gone = []
         for pack_id, ranges in by_pack.items():
-            if self._pack_dead(pack_id):
+            if pack_id not in waiting and self._pack_dead(pack_id):
                 self.freed += repo.backend.pack_usage(pack_id)
                 repo.packs.remove(pack_id)
                 gone.append(pack_id)
@@ -371,6 +396,14 @@ def reclaim(repo, dead_segments=(), dead_chunks=(), blocking=False):
     lock = repo.repo_lock()
     try:
         if not lock.acquire(exclusive=True, blocking=blocking):
+            return 0, []
+        # No create runs now: a progressing record whose creator is gone and whose object is in the store
+        # is accomplished (Repository.view), and its map must be live for the mark. Record it first; if
+        # that cannot be done, remove nothing (gc settles and reclaims later).
+        try:
+            with repo.catalog.write() as txn:
+                repo.settle_dead(txn)
+        except errors.BlocksnapError:
             return 0, []
         job = Reclaim(repo, blocking)
         freed = job.run(dead_segments, dead_chunks)

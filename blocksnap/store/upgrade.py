@@ -100,11 +100,24 @@ def _upgrade_v1(repo):
         segments = {k: v[4:] for k, v in v1.items("segments")}
         chunks = [(k, V1_CHUNK.unpack(v)) for k, v in v1.items("chunks")]
         packs = {k: V1_PACK.unpack(v) for k, v in v1.items("packs")}
-        reclaim = v1.items("reclaim")
+        reclaim = [(k, v) for k, v in v1.items("reclaim")]
+        for k, v in reclaim:
+            struct.unpack(">8sQ", k)
+            struct.unpack(">Q", v)
         seq = dict(v1.items("counters")).get(b"seq")
+        seq = struct.unpack(">Q", seq)[0] if seq else 0
+        for sid, rec in snaps.items():
+            if rec.get("Status") == "accomplished":
+                size, cs = rec.get("SourceDiskSize"), rec.get("ChunkSize")
+                want = -(-(-(-size // cs)) // 256) if isinstance(size, int) and isinstance(cs, int) and cs > 0 else -1
+                if len(maps.get(sid.encode(), b"")) != 16 * want:
+                    raise errors.CatalogDamaged(f"(format-1 snapshot {sid} has no chunk map of its size: the "
+                                                "upgrade stops; nothing was changed)")
+    except struct.error as exc:
+        raise errors.CatalogDamaged(f"(a format-1 catalog value has the wrong size: {exc}; the upgrade stops, "
+                                    "nothing was changed)") from None
     finally:
         v1.close()
-    seq = struct.unpack(">Q", seq)[0] if seq else 0
     by_pack = {}
     for cid, (pack_id, offset, stored, raw, codec, _) in chunks:
         by_pack.setdefault(pack_id, []).append(Record(cid, offset, stored, raw, codec, KIND_CHUNK))
