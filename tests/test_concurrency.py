@@ -4,6 +4,7 @@ change while they are read, a full file system, and space given back by delete a
 Where two processes must overlap, the children hold at a gate file or a barrier (a wrapper around one
 engine function that waits for a file), so the overlap is certain instead of hoped for.
 """
+import errno
 import json
 import os
 import random
@@ -446,6 +447,28 @@ def test_a_catalog_commit_cut_short_by_a_full_disk_is_no_space(tmp_path, small_f
         assert c.verify()["Ok"]
         sid = c.create_snapshot(disk)["SnapshotId"]
         assert restores_identical(c, tmp_path, sid, image)
+
+
+def test_a_pack_whose_last_write_fails_is_abandoned_cleanly():
+    """When a pack's writes fail (a full device), detach raises the OSError and a later abort still stops the writer without a second error (the create then reports NoSpace, not a bug of
+    the C core's arguments)."""
+    class Backend:
+        def create_pack(self, pack_id):
+            return os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC
+
+    class Store:
+        backend = Backend()
+
+    writer = chunkstore.PackWriter(Store())
+    data = os.urandom(chunkstore.STAGE_BYTES)  # fills a staging buffer: its write goes out, and fails
+    writer.add_many(data, [(b"\1" * 16, 0, len(data), len(data), chunkstore.CODEC_RAW, chunkstore.KIND_CHUNK)])
+    with pytest.raises(OSError):
+        writer.wait(1)
+    with pytest.raises(OSError) as e:
+        writer.detach()
+    assert e.value.errno == errno.ENOSPC
+    writer.abort()
+    assert writer.current is None
 
 
 # --- space ---------------------------------------------------------------------------------------------

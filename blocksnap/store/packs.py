@@ -240,6 +240,7 @@ class PackWriter:
         self.store = store
         self.pack_id = None
         self._fd = None
+        self._ended = False  # the open pack's stage was ended (detach got as far as the C core's end)
         self._records = []  # [Record]
         self._stager = _native.PackStager(STAGE_BYTES, STAGES)
         self.written = []  # ids of every pack this writer created
@@ -252,6 +253,7 @@ class PackWriter:
             fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) | os.O_DIRECT)
         except OSError:
             pass  # no O_DIRECT here: buffered writes
+        self._ended = False
         self._stager.begin(self._fd, PACK_HEADER.pack(PACK_MAGIC, self.pack_id))
 
     def add_many(self, base, recs):
@@ -292,6 +294,7 @@ class PackWriter:
         if self._fd is None:
             return None
         self._stager.append(build_trailer(self.pack_id, self._stager.offset, self._records))
+        self._ended = True  # the C core ends the pack even when end() reports a failed write
         seq, size = self._stager.end()
         out = Sealed(self.pack_id, self._fd, size, self._records, seq)
         self._fd, self._records = None, []
@@ -305,10 +308,11 @@ class PackWriter:
         """Stop without sealing: wait for the writes in flight, close the open pack (it stays for
         gc, or for the caller to remove) and the I/O thread."""
         if self._fd is not None:
-            try:
-                self._stager.end()
-            except OSError:
-                pass  # the pack is being abandoned anyway
+            if not self._ended:
+                try:
+                    self._stager.end()
+                except OSError:
+                    pass  # the pack is being abandoned anyway
             try:
                 self._stager.wait(_EVERY_WRITE)  # the I/O thread is done with the descriptor
             except OSError:
