@@ -17,11 +17,12 @@ import pytest
 from conftest import MiB, allocated, restores_identical, write_random
 
 import blocksnap
+from blocksnap import errors
 from blocksnap.api import Client
 from blocksnap.store import catalog as catalogs
 
 CHUNK = 64 << 10
-CRASHPOINTS = ("mid-scan", "after-pack-fsync", "after-pack-index", "before-commit", "after-commit")
+CRASHPOINTS = ("mid-scan", "after-pack-fsync", "after-pack-index", "after-object", "before-commit", "after-commit")
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -161,7 +162,8 @@ def test_create_killed_at_crashpoint_leaves_repository_intact(point, tmp_path, r
         status = check_after_kill(c, tmp_path, disk, s1, a_saved, b_saved, image, {})
     finally:
         c.close()
-    assert status == ("accomplished" if point == "after-commit" else "failed")
+    # After its snapshot object is stored, a create has happened for every reader (the object is the record).
+    assert status == ("accomplished" if point in ("after-object", "after-commit") else "failed")
 
 
 # --- kills at random times -----------------------------------------------------------------------------
@@ -212,6 +214,64 @@ def test_create_killed_at_random_times_leaves_repository_intact(tmp_path, repo_p
             assert status == "accomplished"
         outcomes.append((round(delay, 2), rc, status))
     assert any(status == "failed" for _, _, status in outcomes), f"no kill landed inside a create: {outcomes}"
+
+
+@pytest.mark.parametrize("point", ["delete-marked", "delete-object-gone"])
+def test_delete_killed_at_crashpoint_is_finished_by_gc_or_a_second_delete(point, tmp_path, repo_path):
+    """A delete SIGKILLed after its mark or after removing the snapshot's object: the snapshot is gone for
+    every reader at once, the other snapshot restores, verify is clean, and gc (or the same delete again)
+    finishes the work, giving back the space."""
+    image = write_random(tmp_path / "disk.raw", 8 * MiB)
+    a_saved = str(tmp_path / "a.saved")
+    shutil.copyfile(image, a_saved)
+    with Client(repo_path) as c:
+        disk = c.add_disk(image)["DiskId"]
+        s1 = c.create_snapshot(disk)["SnapshotId"]
+        write_random(image, 8 * MiB)
+        s2 = c.create_snapshot(disk)["SnapshotId"]
+    catalogs.close_env(os.path.join(repo_path, "catalog"))
+    rc, out, err = finish(cli("--repo", repo_path, "snapshot", "delete", s2, BLOCKSNAP_CRASHPOINT=point))
+    assert rc == -signal.SIGKILL, (rc, out, err)
+    assert os.path.exists(os.path.join(repo_path, "snapshots", s2)) == (point == "delete-marked")
+
+    for finisher in ("gc", "delete"):
+        work = str(tmp_path / f"work-{finisher}")
+        shutil.copytree(repo_path, work)
+        with reopen(work) as c:
+            assert [s["SnapshotId"] for s in snapshots(c)] == [s1]
+            out = c.verify()
+            assert out["Ok"] and out["Problems"] == [], out
+            assert restores_identical(c, tmp_path, s1, a_saved)
+            if finisher == "delete":
+                c.delete_snapshot(s2)  # the same delete again finishes it
+                with pytest.raises(errors.InvalidSnapshotIdNotFound):
+                    c.delete_snapshot(s2)
+            c.gc()
+            assert_gc_left_nothing(c)
+            with c.repo.catalog.read() as txn:
+                assert txn.snapshot(s2) is None
+            assert not os.path.exists(os.path.join(work, "snapshots", s2))
+            assert allocated(os.path.join(work, "packs")) <= 1.1 * 8 * MiB + (1 << 20)  # s2's data is gone
+            assert restores_identical(c, tmp_path, s1, a_saved)
+
+
+def test_disk_add_killed_at_its_crashpoint_leaves_nothing_half_registered(tmp_path, repo_path):
+    """'disk add' SIGKILLed after writing its disk object, before its catalog record: the disk is not listed,
+    verify is clean, gc removes the object, and adding the same image again works (one disk for the path)."""
+    image = write_random(tmp_path / "disk.raw", MiB)
+    rc, out, err = finish(cli("--repo", repo_path, "disk", "add", image, BLOCKSNAP_CRASHPOINT="disk-object-written"))
+    assert rc == -signal.SIGKILL, (rc, out, err)
+    assert len(os.listdir(os.path.join(repo_path, "disks"))) == 1
+    with reopen(repo_path) as c:
+        assert c.describe_disks()["Disks"]["Disk"] == []
+        out = c.verify()
+        assert out["Ok"] and out["Problems"] == [], out
+        c.gc()
+        assert os.listdir(os.path.join(repo_path, "disks")) == []
+        disk = c.add_disk(image)["DiskId"]
+        assert [d["DiskId"] for d in c.describe_disks()["Disks"]["Disk"]] == [disk]
+        sid = c.create_snapshot(disk)["SnapshotId"]
+        assert restores_identical(c, tmp_path, sid, image)
 
 
 # --- kills during delete and gc ------------------------------------------------------------------------

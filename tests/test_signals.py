@@ -16,7 +16,7 @@ from blocksnap.store import gc as gcmod
 
 CHUNK = 64 << 10
 
-# The child's packs seal every 4 MiB; after N windows its scanners wait until the test signals it.
+# The child's packs seal every 4 MiB; after N windows its scanners wait until the test, having signalled it, says go.
 HELD_CREATE = """
 import os, sys, time
 from blocksnap import _native
@@ -29,8 +29,10 @@ def scan(self, *a, **k):
     _calls.append(1)
     if len(_calls) == free:
         open(ready, "w").close()
-    if len(_calls) > free:
-        time.sleep(60)
+    if len(_calls) > free:  # held until the test says go (after its signal), at most 60 s
+        deadline = time.monotonic() + 60
+        while not os.path.exists(ready + ".go") and time.monotonic() < deadline:
+            time.sleep(0.01)
     return _orig(self, *a, **k)
 _native.Scanner.scan = scan
 from blocksnap.cli.main import main
@@ -64,7 +66,9 @@ def test_a_signalled_create_fails_cleanly_and_gives_its_data_back(tmp_path, sig,
     time.sleep(0.5)  # the sealer indexes the first packs
     assert allocated(os.path.join(repo, "packs")) > before + 8 * MiB  # it wrote data
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=60)
+    time.sleep(0.3)
+    open(ready + ".go", "w").close()
+    out, err = proc.communicate(timeout=120)
     assert proc.returncode == code, err
     assert err.strip().splitlines()[-1] == f"blocksnap: interrupted by {signal.Signals(sig).name}", err
     assert "Traceback" not in err
