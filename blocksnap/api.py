@@ -435,6 +435,8 @@ class Client:
             "RepackPacks": len(p["RepackPacks"]),
             "RepackBytes": p["RepackBytes"],
             "PendingReclaim": p["PendingReclaim"],
+            "Repacked": p.get("Repacked", {"Packs": 0, "Records": 0, "Bytes": 0}),
+            "DiskObjectsRemoved": p.get("DiskObjectsRemoved", 0),
             "EmptyDirsRemoved": p.get("EmptyDirsRemoved", 0),
             "Problems": p.get("Problems", []),
             "FreedBytes": p.get("FreedBytes", 0),

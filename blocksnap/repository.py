@@ -208,7 +208,7 @@ class Repository:
 
     def reader(self):
         """Register a reader (restore, verify) for as long as the returned lock is held: no data it can see
-        is removed meanwhile. Never waits. Release it with ``.release()`` (None-safe via ``release_reader``)."""
+        is removed meanwhile. Never waits. Release it with ``.release()``."""
         def epoch():
             with self.catalog.read() as txn:
                 return txn.epoch()
@@ -408,7 +408,7 @@ class Repository:
         self.last_problems = []
         if dead:
             with self.catalog.read() as txn:
-                _, chunks = refs.Reclaim(self, False)._expand(txn, dead, ())
+                _, chunks = refs.Reclaim(self, False).expand(txn, dead, ())
             freed_chunks = len(chunks)
             if reclaim:
                 reclaimed, self.last_problems = refs.reclaim(self, dead_segments=dead)

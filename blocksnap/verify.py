@@ -509,7 +509,6 @@ class _Verifier:
         self.whole.setdefault(sid, []).append(problem)
 
     def result(self):
-        cs = self.cs
         out = list(self.damaged)
         for sid, problems in sorted(self.whole.items()):
             out.append({"What": f"snapshot {sid}", "Problem": "; ".join(problems),
@@ -540,7 +539,6 @@ class _Verifier:
                                    "'blocksnap repair' rewrites its records into a new pack",
                         "Affected": [{"SnapshotId": s, "Offsets": sorted(o)[:OFFSETS_SHOWN]}
                                      for s, o in sorted(affected.items())]})
-        del cs
         affected = sorted({a["SnapshotId"] for d in out for a in d["Affected"]})
         return {"Checked": self.checked, "CheckedBytes": self.checked_bytes, "Damaged": out,
                 "Problems": self.problems, "Snapshots": len(self.maps) + len(set(self.whole) - set(self.maps)),

@@ -707,6 +707,7 @@ def test_gc_repacks_packs_that_are_mostly_unused_and_removes_them_whole(tmp_path
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["RepackPacks"] == 1
+    assert out["Repacked"]["Packs"] == 1 and 3 * MiB < out["Repacked"]["Bytes"] < 5 * MiB, out
     with Client(repo) as c:
         assert old_pack not in c.repo.packs.list_packs()
         assert restores_identical(c, tmp_path, second, image)

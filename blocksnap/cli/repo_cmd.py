@@ -69,6 +69,8 @@ def cmd_gc(args, client):
               f"{out['PendingReclaim']} interrupted reclaim(s)")
         if args.max_unused is not None:
             print(f"  repack: {out['RepackPacks']} pack(s), {human_bytes(out['RepackBytes'])} of live records")
+        if out["DiskObjectsRemoved"]:
+            print(f"  removed {out['DiskObjectsRemoved']} disk object(s) that an interrupted 'disk add' left")
         for sid in out["ExpiredSnapshots"]:
             print(f"  expired {sid}")
         for p in out["Problems"]:

@@ -413,13 +413,6 @@ class Catalog:
     def env(self):
         return self._ent.env
 
-    def current(self):
-        """False if the catalog file was replaced since this Catalog was opened (a repair, say)."""
-        try:
-            return _identity(os.path.realpath(self.path)) == self._ent.identity
-        except errors.BlocksnapError:
-            return False
-
     def read(self):
         """A read transaction: never waits for a writer, never writes."""
         return _TxnContext(self, write=False)
@@ -630,14 +623,6 @@ class Txn:
                                         f"its size needs {segments})")
         return raw
 
-    def snapshot_map_unsized(self, snapshot_id, max_segments):
-        """The segment ids of a map whose record is unreadable (verify): any length up to ``max_segments``."""
-        key = TABLES["maps"] + snapshot_id.encode("ascii")
-        raw = self._get(key, ID_LEN * max_segments, f"chunk map of {snapshot_id}")
-        if raw is not None and len(raw) % ID_LEN:
-            raise errors.CatalogDamaged(f"(chunk map of {snapshot_id} is not a list of ids)")
-        return raw
-
     def map_ids(self):
         prefix = TABLES["maps"]
         return [key[len(prefix):].decode("ascii", "replace") for key, _ in self._scan(prefix)]
@@ -693,6 +678,17 @@ class Txn:
             yield key[len(prefix):], U32.unpack(val)[0]
 
     # --- chunks ---------------------------------------------------------------------------------
+    def entry_naming(self, kind, record_id, pack_id, offset):
+        """The index entry (ChunkEntry or SegmentEntry) of a record if it names this very copy of it
+        (``pack_id`` at ``offset``), else None; None for a record kind this version does not index."""
+        if kind == _native.KIND_CHUNK:
+            entry = self.chunk(record_id)
+        elif kind == _native.KIND_SEGMENT:
+            entry = self.segment(record_id)
+        else:
+            return None
+        return entry if entry is not None and entry.pack_id == pack_id and entry.offset == offset else None
+
     def chunk(self, chunk_id):
         """The chunk entry of ``chunk_id``, or None."""
         key = TABLES["chunks"] + chunk_id

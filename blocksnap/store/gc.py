@@ -255,14 +255,13 @@ def repack(repo, pack_ids, job):
     with repo.catalog.read() as txn:
         for pack_id in pack_ids:
             for r in read_trailer(repo.backend, pack_id):
+                e = txn.entry_naming(r.kind, r.id, pack_id, r.offset)
+                if e is None:
+                    continue
                 if r.kind == KIND_CHUNK:
-                    e = txn.chunk(r.id)
-                    if e is not None and e.pack_id == pack_id and e.offset == r.offset:
-                        moves[r.id] = (KIND_CHUNK, pack_id, r.offset, e.stored_len, e.raw_len, e.codec)
-                elif r.kind == KIND_SEGMENT and txn.has_segment(r.id):
-                    s = txn.segment(r.id)
-                    if s.pack_id == pack_id and s.offset == r.offset:
-                        moves[r.id] = (KIND_SEGMENT, pack_id, r.offset, len(s.ids), len(s.ids), CODEC_RAW)
+                    moves[r.id] = (KIND_CHUNK, pack_id, r.offset, e.stored_len, e.raw_len, e.codec)
+                else:
+                    moves[r.id] = (KIND_SEGMENT, pack_id, r.offset, len(e.ids), len(e.ids), CODEC_RAW)
     restorer = _restorer(repo.chunk_size)
     writer = repo.packs.writer()
     sealed = []
@@ -279,22 +278,14 @@ def repack(repo, pack_ids, job):
             full = writer.add_many(data, [(rid, 0, stored, raw, codec, kind)])[1]
             copied += stored
             if full:
-                sealed.append(_seal(repo, writer))
-        handed = writer.detach()
-        if handed is not None:
-            sealed.append(_seal_handed(repo, writer, handed))
+                sealed.append(writer.seal())
+        last = writer.seal()
+        if last is not None:
+            sealed.append(last)
     finally:
         writer.close()
     job.relocate(sealed, moves, pack_ids)
     return {"Packs": len(pack_ids), "Records": len(moves), "Bytes": copied}
 
 
-def _seal(repo, writer):
-    return _seal_handed(repo, writer, writer.detach())
-
-
-def _seal_handed(repo, writer, handed):
-    writer.wait(handed.last_write)
-    repo.backend.sync_pack(handed.pack_id, handed.fd)
-    return handed
 

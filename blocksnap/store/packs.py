@@ -201,7 +201,9 @@ class PackStore:
     def _forget(self, pack_id):
         """Close every thread's descriptor of a pack that is being removed, so its space goes too.
 
-        Removal happens under the exclusive repository lock, so no read of it is in flight.
+        Removal happens under the exclusive repository lock, after the reader epochs that could see the pack
+        have drained (their locks are open file descriptions, so readers of this process count too): no
+        read of it is in flight.
         """
         with self._fds_lock:
             fds = [fd for fd, pid in self._all_fds.items() if pid == pack_id]
@@ -303,6 +305,20 @@ class PackWriter:
     def wait(self, seq):
         """Block until this writer's writes up to number ``seq`` are done (raises their OSError)."""
         self._stager.wait(seq)
+
+    def seal(self):
+        """``detach`` and make the pack durable at once (for writers with nothing to overlap: gc's repack,
+        repair, upgrade). Returns the :class:`Sealed` (its ``fd`` closed), or None between packs."""
+        handed = self.detach()
+        if handed is None:
+            return None
+        try:
+            self.wait(handed.last_write)
+        except BaseException:
+            os.close(handed.fd)
+            raise
+        self.store.backend.sync_pack(handed.pack_id, handed.fd)
+        return handed
 
     def abort(self):
         """Stop without sealing: wait for the writes in flight, close the open pack (it stays for

@@ -116,14 +116,9 @@ def _rescue(repo, stranded, report):
                                            "Problem": f"not rescued: {exc}"})
                 continue
             if writer.add_many(data, [(r.id, 0, r.stored_len, r.raw_len, r.codec, r.kind)])[1]:
-                handed = writer.detach()
-                writer.wait(handed.last_write)
-                repo.backend.sync_pack(handed.pack_id, handed.fd)
+                writer.seal()
             copied += 1
-        handed = writer.detach()
-        if handed is not None:
-            writer.wait(handed.last_write)
-            repo.backend.sync_pack(handed.pack_id, handed.fd)
+        writer.seal()
     finally:
         writer.close()
         repo.packs.close()
@@ -383,25 +378,19 @@ def _read_segments(repo, needed, seg_locs, old_segs, report, new):
                 offset, full = writer.add_segment(sid, old_segs[sid])
                 out[sid] = (writer.current, offset, old_segs[sid])
                 if full:
-                    _seal(repo, writer, new)
-            handed = writer.detach()
-            if handed is not None:
-                _seal_handed(repo, writer, handed, new)
+                    _index_sealed(new, writer.seal())
+            _index_sealed(new, writer.seal())
         finally:
             writer.close()
         report["SegmentsRewritten"] += len(rescued)
     return out
 
 
-def _seal(repo, writer, new):
-    _seal_handed(repo, writer, writer.detach(), new)
-
-
-def _seal_handed(repo, writer, handed, new):
-    writer.wait(handed.last_write)
-    repo.backend.sync_pack(handed.pack_id, handed.fd)
-    with new.write() as txn:
-        txn.put_pack(handed.pack_id, PackEntry(handed.size, len(handed.records)))
+def _index_sealed(new, sealed):
+    """Index a pack that ``PackWriter.seal`` made durable (None: there was none) in the new catalog."""
+    if sealed is not None:
+        with new.write() as txn:
+            txn.put_pack(sealed.pack_id, PackEntry(sealed.size, len(sealed.records)))
 
 
 def _settle_duplicates(repo, new, segments, dups):

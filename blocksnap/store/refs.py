@@ -22,7 +22,6 @@ Removing data is the one thing that can lose a snapshot, so no count decides it 
    has finished are the ranges punched, and a pack is removed only when its own trailer shows that the
    index names none of its records any more.
 """
-import os
 
 from .. import _native, errors
 from .catalog import ZERO_ID
@@ -223,7 +222,7 @@ class Reclaim:
         """
         cat = self.repo.catalog
         with cat.read() as txn:
-            segs, chunks = self._expand(txn, dead_segments, dead_chunks)
+            segs, chunks = self.expand(txn, dead_segments, dead_chunks)
             if segs or chunks:
                 live = live_segments(txn)
                 wrong_segs = segs & live
@@ -266,19 +265,18 @@ class Reclaim:
                 txn.put_pack(handed.pack_id, PackEntry(handed.size, len(handed.records)))
                 for r in handed.records:
                     kind, old_pack, old_off = moves[r.id][:3]
+                    e = txn.entry_naming(kind, r.id, old_pack, old_off)
+                    if e is None:
+                        continue  # changed since the copy was planned
                     if kind == KIND_CHUNK:
-                        e = txn.chunk(r.id)
-                        if e is not None and e.pack_id == old_pack and e.offset == old_off:
-                            txn.put_chunk(r.id, e._replace(pack_id=handed.pack_id, offset=r.offset))
+                        txn.put_chunk(r.id, e._replace(pack_id=handed.pack_id, offset=r.offset))
                     else:
-                        seg = txn.segment(r.id) if txn.has_segment(r.id) else None
-                        if seg is not None and seg.pack_id == old_pack and seg.offset == old_off:
-                            txn.put_segment(r.id, SegmentEntry(handed.pack_id, r.offset, seg.ids))
+                        txn.put_segment(r.id, SegmentEntry(handed.pack_id, r.offset, e.ids))
             for pack_id in old_packs:
                 txn.put_reclaim(pack_id, 0, 0, epoch)
             txn.put_meta_u64(b"epoch", epoch)
 
-    def _expand(self, txn, dead_segments, dead_chunks):
+    def expand(self, txn, dead_segments, dead_chunks):
         """The segments still at refcount 0, and the chunks at 0 once those are removed."""
         segs = {s for s in dead_segments if txn.has_segment(s) and txn.segment_refs(s) == 0}
         drops = {}
@@ -374,16 +372,10 @@ class Reclaim:
                 return not damaged  # a damaged entry might name it: keep it
         with self.repo.catalog.read() as txn:
             for rec in records:
-                if rec.kind == KIND_CHUNK:
-                    entry = txn.chunk(rec.id)
-                    if entry is not None and entry.pack_id == pack_id and entry.offset == rec.offset:
-                        return False
-                elif rec.kind == KIND_SEGMENT:
-                    seg = txn.segment(rec.id) if txn.has_segment(rec.id) else None
-                    if seg is not None and seg.pack_id == pack_id and seg.offset == rec.offset:
-                        return False
-                else:
+                if rec.kind not in (KIND_CHUNK, KIND_SEGMENT):
                     return False  # a kind this version does not know: keep the pack
+                if txn.entry_naming(rec.kind, rec.id, pack_id, rec.offset) is not None:
+                    return False
         return True
 
 
@@ -412,8 +404,3 @@ def reclaim(repo, dead_segments=(), dead_chunks=(), blocking=False):
         raise errors.translate(exc, "reclaim") from exc
     finally:
         lock.release()
-
-
-def pack_is_current(repo, pack_id):
-    """True if the pack file still exists (tests)."""
-    return os.path.exists(repo.backend.pack_path(pack_id))

@@ -27,12 +27,11 @@ from .. import _native, errors
 from . import config as configs
 from . import objects, rebuild, refs
 from .catalog import ZERO_ID
+from .layout import V1_DB_NAMES
 from .packs import KIND_CHUNK, RECORD, Record, build_trailer, read_trailer
 
 V1_CHUNK = struct.Struct(">8sQIIB3xI")
 V1_PACK = struct.Struct(">IQ")
-V1_DBS = (b"disks", b"disk_paths", b"snapshots", b"snapmaps", b"disk_snaps", b"segments",
-          b"chunks", b"packs", b"reclaim", b"tokens", b"counters")
 
 
 class V1Catalog:
@@ -41,7 +40,7 @@ class V1Catalog:
     def __init__(self, path):
         try:
             self.env = lmdb.open(path, readonly=True, lock=False, max_dbs=16, subdir=True, create=False)
-            self.db = {n.decode(): self.env.open_db(n, create=False) for n in V1_DBS}
+            self.db = {n.decode(): self.env.open_db(n, create=False) for n in V1_DB_NAMES}
         except lmdb.Error as exc:
             raise errors.CatalogDamaged(f"(the format-1 catalog {path} cannot be read: {exc})") from exc
 
@@ -152,10 +151,8 @@ def _upgrade_v1(repo):
     try:
         for s, ids in needed.items():
             if writer.add_segment(s, ids)[1]:
-                _seal(repo, writer, writer.detach())
-        handed = writer.detach()
-        if handed is not None:
-            _seal(repo, writer, handed)
+                writer.seal()
+        writer.seal()
     finally:
         writer.close()
     # 4. the objects
@@ -222,8 +219,3 @@ def _give_trailer(repo, pack_id, records, v1_entry):
             raise errors.StoreDamaged(f"(format-1 pack {pack_id.hex()} holds unknown bytes after its records)")
         repo.backend.truncate_pack(pack_id, base)
     repo.backend.append_pack(pack_id, build_trailer(pack_id, base, records))
-
-
-def _seal(repo, writer, handed):
-    writer.wait(handed.last_write)
-    repo.backend.sync_pack(handed.pack_id, handed.fd)
