@@ -230,8 +230,11 @@ class Client:
         self.close()
 
     # --- disks ---------------------------------------------------------------------------------------
-    def add_disk(self, image_path, disk_name=None):
+    def add_disk(self, image_path, disk_name=None, on_wait=None):
         """Register a raw image or block device. Returns ``{"DiskId", "RequestId", ...}``.
+
+        ``on_wait`` is called once if a running gc makes it wait (it holds the repository lock shared,
+        as a create does).
 
         Raises:
             InvalidParameter (an image path that is not a str or os.PathLike), InvalidDiskNameMalformed,
@@ -246,7 +249,7 @@ class Client:
             raise errors.ImageUnsupported(f"({_shown(image_path)}: the path is not valid UTF-8; rename the image "
                                           "or register it through a symlink with a UTF-8 name)")
         kind, size = raw.probe(image_path)
-        rec = self.repo.add_disk(image_path, disk_name, kind, size)
+        rec = self.repo.add_disk(image_path, disk_name, kind, size, on_wait=on_wait)
         return dict(rec, RequestId=request_id())
 
     def describe_disks(self):

@@ -612,6 +612,7 @@ class _Create:
             for pack_id in self.writer.written:
                 if pack_id not in self.sealed:
                     self.repo.packs.remove(pack_id)  # never indexed: nobody else can know it
+        settled = False
         try:
             sid = self.rec["SnapshotId"]
             with self.cat.read() as txn:
@@ -626,9 +627,13 @@ class _Create:
                     mark_failed(rec, exc)
                     txn.put_snapshot(rec)
                     self.rec = rec
+            settled = True
         except (errors.BlocksnapError, OSError):
             pass  # the record stays progressing; readers see its lock gone and call it failed
-        if not self.sealed:
+        if not self.sealed or not settled:
+            # Unsettled, its object may still be in the store: the reclaim below would not count its map
+            # (its disk lock is still held), and could take data that readers will call accomplished.
+            # gc settles dead creates before its mark, and reclaims this later.
             return
         # What this create indexed is unreferenced now: its packs' trailers list it.
         segs, chunks = [], []

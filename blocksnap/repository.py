@@ -224,7 +224,7 @@ class Repository:
         return FileLock(self.disk_lock_path(disk_id))
 
     # --- disks ---------------------------------------------------------------------------------------
-    def add_disk(self, image_path, name=None, kind="file", size=0):
+    def add_disk(self, image_path, name=None, kind="file", size=0, on_wait=None):
         """Register an image file or block device; returns the disk record.
 
         The disk's object is written to the store before the catalog names it.
@@ -243,7 +243,7 @@ class Repository:
                "Type": kind, "Size": size, "CreationTime": now_iso()}
         # Held shared like a create: gc, which removes the objects of disks a killed 'disk add' left
         # unrecorded, cannot take this one's for such a leftover.
-        lock = self.lock_shared()
+        lock = self.lock_shared(on_wait)
         try:
             try:
                 self.backend.put_object("disks", disk_id, objects.encode_disk(rec))

@@ -202,7 +202,8 @@ int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n,
  * pwrite while the caller fills the next (O_DIRECT if the caller set it on
  * the descriptor). One thread adds; any thread may wait.
  *   bs_packw_begin   starts a pack on fd (written from offset 0) with its
- *                    header bytes.
+ *                    header bytes. On failure no pack is open (end is not
+ *                    called for it).
  *   bs_packw_add     appends one record per rec: the 32-byte record header
  *                    (magic, codec, kind, raw_len, stored_len, id; FORMAT.md)
  *                    and the stored_len bytes at base + src_off. The bytes

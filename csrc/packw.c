@@ -209,6 +209,9 @@ int bs_packw_begin(bs_packw *w, int fd, const uint8_t *header, uint32_t header_l
     w->offset = header_len;
     err = append(w, header, header_len);
     if (err) {
+        w->fd = -1; /* no pack open: the caller abandons it without bs_packw_end */
+        w->offset = 0;
+        w->filled = 0;
         *err_out = err;
         return BS_EIO;
     }

@@ -471,6 +471,51 @@ def test_a_pack_whose_last_write_fails_is_abandoned_cleanly():
     assert writer.current is None
 
 
+def _full_device_writer():
+    class Backend:
+        def create_pack(self, pack_id):
+            return os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC
+
+    class Store:
+        backend = Backend()
+
+    return chunkstore.PackWriter(Store())
+
+
+def test_a_pack_that_cannot_begin_after_a_failed_write_is_abandoned_cleanly():
+    """The write that ends a pack fails after detach returned (the I/O thread reports it later); the next
+    pack's start then fails on that error, and abort stops the writer without a second error."""
+    writer = _full_device_writer()
+    data = os.urandom(4096)
+    rec = [(b"\1" * 16, 0, len(data), len(data), chunkstore.CODEC_RAW, chunkstore.KIND_CHUNK)]
+    writer.add_many(data, rec)
+    handed = writer.detach()  # nothing failed yet: the last stage is on its way
+    with pytest.raises(OSError):
+        writer.wait(handed.last_write)
+    os.close(handed.fd)
+    with pytest.raises(OSError) as e:
+        writer.add_many(data, rec)  # the next pack: its start sees the kept error
+    assert e.value.errno == errno.ENOSPC
+    writer.abort()
+    assert writer.current is None
+
+
+def test_closing_a_writer_whose_seal_failed_closes_the_pack_descriptor():
+    """seal() raising (the pack's writes failed) leaves nothing open once the caller closes the writer."""
+    writer = _full_device_writer()
+    data = os.urandom(chunkstore.STAGE_BYTES)
+    writer.add_many(data, [(b"\1" * 16, 0, len(data), len(data), chunkstore.CODEC_RAW, chunkstore.KIND_CHUNK)])
+    fd = writer._fd
+    with pytest.raises(OSError):
+        try:
+            writer.seal()
+        finally:
+            writer.close()
+    with pytest.raises(OSError) as e:
+        os.fstat(fd)
+    assert e.value.errno == errno.EBADF
+
+
 # --- space ---------------------------------------------------------------------------------------------
 def test_gc_gives_back_space_of_deleted_snapshots(tmp_path, client):
     """Deleting the first two of three snapshots while a reader holds the repository defers reclamation; gc
@@ -683,6 +728,70 @@ def test_a_create_that_waits_for_gc_says_so_and_readers_never_wait(tmp_path):
             gc_lock.release()
         t.join(30)
         assert waited == [1] and len(done) == 1
+
+
+def test_a_failed_create_that_cannot_remove_its_object_leaves_its_data_for_gc(tmp_path, monkeypatch):
+    """A create fails after its snapshot object is stored (its commit's transaction fails), and removing
+    that object fails too: readers will call the snapshot accomplished once the creator is gone, so the
+    create must not reclaim its data at once; the snapshot restores exactly, and gc keeps it."""
+    from blocksnap.store import backend as backends
+
+    repo = str(tmp_path / "repo")
+    Client.init(repo, chunk_size=CHUNK)
+    img = write_random(tmp_path / "a.raw", 4 * MiB)
+
+    def failing_refs(txn, seg_ids):
+        raise OSError(errno.EIO, "injected: the commit's transaction fails")
+
+    real_delete = backends.LocalBackend.delete_object
+
+    def failing_delete(self, kind, name):
+        if kind == "snapshots":
+            raise OSError(errno.EIO, "injected: the object cannot be removed")
+        return real_delete(self, kind, name)
+
+    with Client(repo) as c:
+        disk = c.add_disk(img)["DiskId"]
+        monkeypatch.setattr(refs, "add_map_refs", failing_refs)
+        monkeypatch.setattr(backends.LocalBackend, "delete_object", failing_delete)
+        with pytest.raises(errors.BlocksnapError):
+            c.create_snapshot(disk)
+        monkeypatch.undo()
+        [rec] = c.describe_snapshots()["Snapshots"]["Snapshot"]
+        assert rec["Status"] == "accomplished"  # its object is in the store and its creator is done
+        assert restores_identical(c, tmp_path, rec["SnapshotId"], img)
+        c.gc()
+        assert restores_identical(c, tmp_path, rec["SnapshotId"], img)
+        out = c.verify()
+        assert out["Ok"] and out["Problems"] == [], out
+
+
+def test_a_disk_add_that_waits_for_gc_says_so(tmp_path):
+    """A disk add holds the repository lock shared, as a create does: while gc holds it, the add waits and
+    on_wait says so once; the add completes when gc is done."""
+    repo = str(tmp_path / "repo")
+    Client.init(repo, chunk_size=CHUNK)
+    img = write_random(tmp_path / "a.raw", MiB)
+    with Client(repo) as c:
+        waited, done = [], []
+        told = threading.Event()
+
+        def on_wait():
+            waited.append(1)
+            told.set()
+
+        gc_lock = c.repo.lock_exclusive()  # gc is running
+        try:
+            t = threading.Thread(target=lambda: done.append(c.add_disk(img, on_wait=on_wait)))
+            t.start()
+            assert told.wait(30)
+            time.sleep(0.2)
+            assert done == []  # still waiting
+        finally:
+            gc_lock.release()
+        t.join(30)
+        assert waited == [1] and len(done) == 1
+        assert [d["DiskId"] for d in c.describe_disks()["Disks"]["Disk"]] == [done[0]["DiskId"]]
 
 
 def test_gc_repacks_packs_that_are_mostly_unused_and_removes_them_whole(tmp_path):

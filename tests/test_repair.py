@@ -252,3 +252,29 @@ def test_repair_without_a_catalog_finds_the_records_of_a_pack_whose_trailer_is_d
     assert not os.path.exists(backend.pack_path(biggest))
     proc = cli("--repo", path, "verify")
     assert proc.returncode == 0, proc.stdout
+
+
+def test_repair_keeps_the_disk_the_catalog_recorded_when_two_objects_share_its_path(tmp_path):
+    """Two disk objects for one path (the loser of a race of two 'disk add's, killed after its object):
+    repair keeps the DiskId the old catalog recorded, even though the other object is newer; the other
+    object stays unrecorded until gc removes it."""
+    from blocksnap.store import objects
+
+    path = str(tmp_path / "repo")
+    Client.init(path, chunk_size=64 << 10)
+    img = str(tmp_path / "a.raw")
+    write_image(img, MiB, [(0, rand(MiB, 1))])
+    with Client(path) as c:
+        rec = c.add_disk(img)
+        disk = rec["DiskId"]
+        other = dict({k: rec[k] for k in ("DiskName", "Path", "Type", "Size")}, DiskId="d-" + "z" * 20,
+                     CreationTime="2099-01-01T00:00:00Z")
+        c.repo.backend.put_object("disks", other["DiskId"], objects.encode_disk(other))
+    catalogs.close_env(os.path.join(path, "catalog"))
+    assert cli("--repo", path, "repair").returncode == 0
+    with Client(path) as c:
+        assert [d["DiskId"] for d in c.describe_disks()["Disks"]["Disk"]] == [disk]
+        assert sorted(os.listdir(os.path.join(path, "disks"))) == sorted([disk, other["DiskId"]])
+        c.gc()
+        assert os.listdir(os.path.join(path, "disks")) == [disk]
+        assert c.verify()["Ok"]

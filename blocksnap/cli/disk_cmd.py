@@ -1,9 +1,9 @@
 """blocksnap disk add / list."""
-from .output import emit_json, human_bytes, table
+from .output import emit_json, human_bytes, table, waiting_for_gc
 
 
 def cmd_add(args, client):
-    out = client.add_disk(args.image, args.name)
+    out = client.add_disk(args.image, args.name, on_wait=waiting_for_gc)
     if args.json:
         emit_json(out)
     else:

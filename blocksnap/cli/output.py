@@ -5,7 +5,7 @@ import time
 
 
 def waiting_for_gc():
-    """on_wait for creates, restores and verifies: say why nothing happens yet."""
+    """on_wait for creates, disk adds, restores and verifies: say why nothing happens yet."""
     print("blocksnap: waiting for a running gc to finish", file=sys.stderr, flush=True)
 
 

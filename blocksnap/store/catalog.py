@@ -567,6 +567,16 @@ class Txn:
         raw = self._get(key, DISK_ID_LEN, "disk path entry")
         return None if raw is None else raw.decode("ascii", "replace")
 
+    def disk_ids_of_paths(self):
+        """The DiskIds that path entries name (each entry checked)."""
+        prefix = TABLES["disk_paths"]
+        out = set()
+        for key, _ in self._scan(prefix):
+            raw = self._get(key, DISK_ID_LEN, "disk path entry")
+            if raw is not None:
+                out.add(raw.decode("ascii", "replace"))
+        return out
+
     def put_disk_path(self, path, disk_id):
         self._put(TABLES["disk_paths"] + path_key(path), disk_id.encode("ascii"))
 

@@ -207,9 +207,12 @@ def _remove_unrecorded_disks(repo):
     none is running now). Returns how many."""
     from . import objects
 
-    with repo.catalog.read() as txn:
-        known = {did.decode("ascii", "replace") for did in txn.keys("disks")}
-        named = {rec["SourceDiskId"] for rec in txn.snapshots()}
+    try:
+        with repo.catalog.read() as txn:
+            known = {did.decode("ascii", "replace") for did in txn.keys("disks")} | txn.disk_ids_of_paths()
+            named = {rec["SourceDiskId"] for rec in txn.snapshots()}
+    except errors.RepositoryDamaged:
+        return 0  # a damaged entry might name a disk: keep every disk object (verify reports the damage)
     removed = 0
     for did in repo.backend.list_objects("disks"):
         if did in known or did in named:

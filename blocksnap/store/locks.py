@@ -129,6 +129,9 @@ class ReaderEpochs:
             except FileNotFoundError:
                 lock.release()
                 return None
+            except BaseException:  # the epoch's read failed (a damaged catalog): hold nothing
+                lock.release()
+                raise
             lock.release()  # a writer drains this parity: the epoch has moved on
         raise OSError(errno.EAGAIN, "reader epoch kept moving")
 

@@ -22,6 +22,7 @@ import struct
 
 from .. import _native, errors
 from . import catalog
+from .config import SEGMENT_CHUNKS
 
 MAGIC = b"BSOBJ\x00"
 VERSION = 2
@@ -77,7 +78,7 @@ def decode_snapshot(name, data):
     if rec["SnapshotId"] != name or rec["Status"] != "accomplished":
         raise errors.StoreDamaged(f"(snapshot object {name} holds the record of {rec['SnapshotId']!r}, "
                                   f"{rec['Status']})")
-    segments = -(-(-(-rec["SourceDiskSize"] // rec["ChunkSize"])) // 256)
+    segments = -(-(-(-rec["SourceDiskSize"] // rec["ChunkSize"])) // SEGMENT_CHUNKS)
     if len(seg_ids) != 16 * segments:
         raise errors.StoreDamaged(f"(snapshot object {name} holds {len(seg_ids) // 16} segment ids, its size "
                                   f"needs {segments})")

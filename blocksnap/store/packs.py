@@ -242,7 +242,7 @@ class PackWriter:
         self.store = store
         self.pack_id = None
         self._fd = None
-        self._ended = False  # the open pack's stage was ended (detach got as far as the C core's end)
+        self._in_core = False  # the C core has the pack open (begin succeeded, end not yet called)
         self._records = []  # [Record]
         self._stager = _native.PackStager(STAGE_BYTES, STAGES)
         self.written = []  # ids of every pack this writer created
@@ -255,8 +255,9 @@ class PackWriter:
             fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) | os.O_DIRECT)
         except OSError:
             pass  # no O_DIRECT here: buffered writes
-        self._ended = False
+        self._in_core = False
         self._stager.begin(self._fd, PACK_HEADER.pack(PACK_MAGIC, self.pack_id))
+        self._in_core = True  # (a begin that fails leaves no pack open in the core: a sticky write error)
 
     def add_many(self, base, recs):
         """Append records whose stored bytes lie in ``base``.
@@ -296,7 +297,7 @@ class PackWriter:
         if self._fd is None:
             return None
         self._stager.append(build_trailer(self.pack_id, self._stager.offset, self._records))
-        self._ended = True  # the C core ends the pack even when end() reports a failed write
+        self._in_core = False  # the C core ends the pack even when end() reports a failed write
         seq, size = self._stager.end()
         out = Sealed(self.pack_id, self._fd, size, self._records, seq)
         self._fd, self._records = None, []
@@ -323,25 +324,32 @@ class PackWriter:
     def abort(self):
         """Stop without sealing: wait for the writes in flight, close the open pack (it stays for
         gc, or for the caller to remove) and the I/O thread."""
-        if self._fd is not None:
-            if not self._ended:
-                try:
-                    self._stager.end()
-                except OSError:
-                    pass  # the pack is being abandoned anyway
-            try:
-                self._stager.wait(_EVERY_WRITE)  # the I/O thread is done with the descriptor
-            except OSError:
-                pass
-            os.close(self._fd)
-            self._fd = None
-        self._records = []
         self.close()
 
+    def _abandon(self):
+        """Close the open pack without sealing it, however far it got (its file stays, unindexed)."""
+        if self._fd is None:
+            return
+        if self._in_core:
+            self._in_core = False
+            try:
+                self._stager.end()
+            except OSError:
+                pass  # the pack is being abandoned anyway
+        try:
+            self._stager.wait(_EVERY_WRITE)  # the I/O thread is done with the descriptor
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        self._records = []
+
     def close(self):
-        """Wait for every write handed over, then stop the I/O thread (after ``detach`` or ``abort``)."""
+        """Wait for every write handed over, then stop the I/O thread (after ``detach``; a pack still
+        open, after an error in the middle of it, is abandoned as by ``abort``)."""
         if self._stager is None:
             return
+        self._abandon()
         try:
             self._stager.wait(_EVERY_WRITE)
         except OSError:

@@ -252,12 +252,13 @@ def _repair(repo, progress):
             disks[did] = obj
             report["ObjectsRewritten"] += 1
 
-    build = build_catalog(repo, report, stored, disks, old_failed, old_segs, old_epoch)
+    build = build_catalog(repo, report, stored, disks, old_failed, old_segs, old_epoch, recorded=set(old_disks))
     swap_in(repo, build)
     return report
 
 
-def build_catalog(repo, report, stored, disks, old_failed=(), old_segs=None, old_epoch=0, min_seq=0):
+def build_catalog(repo, report, stored, disks, old_failed=(), old_segs=None, old_epoch=0, min_seq=0,
+                  recorded=()):
     """Build a new catalog beside the live one from the store's objects and packs; returns its directory.
 
     Args:
@@ -266,6 +267,7 @@ def build_catalog(repo, report, stored, disks, old_failed=(), old_segs=None, old
         old_failed: failed (or dead progressing) records to carry over.
         old_segs: ``{segment id: ids}`` good copies to write anew where the store lost a segment's record.
         old_epoch: the old catalog's reader epoch; min_seq: the lowest snapshot sequence to continue from.
+        recorded: ids of the disks the old catalog recorded (preferred where two objects share a path).
     """
     build = os.path.join(repo.path, f"catalog.rebuild-{os.urandom(4).hex()}")
     catalogs.create(build, repo.repository_id)
@@ -277,7 +279,7 @@ def build_catalog(repo, report, stored, disks, old_failed=(), old_segs=None, old
             needed.update(s for s in refs.split_ids(seg_ids) if s != ZERO_ID)
         segments = _read_segments(repo, needed, seg_locs, old_segs or {}, report, new)
         _settle_duplicates(repo, new, segments, dups)
-        _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, min_seq)
+        _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, min_seq, recorded)
         _drop_unnamed_chunks(new, report)
         report["Packs"] = packs
         new.env.sync(True)
@@ -434,7 +436,22 @@ def _drop_unnamed_chunks(new, report):
         report["Chunks"] = txn.count("chunks")
 
 
-def _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, min_seq=0):
+def _one_disk_per_path(disks, named, failed_named, recorded):
+    """The disks to record: of several objects for one path (a 'disk add' killed after its object and before
+    its catalog record, then run again, or two racing adds), the one accomplished snapshots name, else one
+    failed records name, else the one the old catalog recorded, else the newest. The others stay in the
+    store unrecorded, for gc to remove once the new catalog is in place (nothing is deleted before the swap)."""
+    def rank(d):
+        return (d in named, d in failed_named, d in recorded, disks[d]["CreationTime"])
+
+    best = {}
+    for did in sorted(disks, key=rank):
+        if disks[did]["Path"]:
+            best[disks[did]["Path"]] = did
+    return {d: r for d, r in disks.items() if not r["Path"] or best[r["Path"]] == d or d in named}
+
+
+def _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, min_seq=0, recorded=()):
     """Segments, counts, records, maps, tokens and disks of the new catalog."""
     seg_uses = {}
     good = {}
@@ -483,6 +500,7 @@ def _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, 
                 txn.put_token(rec["ClientToken"], TokenEntry(rec["ParamsHash"], sid))
             newest[rec["SourceDiskId"]] = rec
             max_seq = max(max_seq, rec["Seq"])
+        disks = _one_disk_per_path(disks, set(newest), {r["SourceDiskId"] for r in old_failed}, set(recorded))
         carried = 0
         for rec in old_failed:
             if rec["SnapshotId"] in good or rec["SourceDiskId"] not in disks:
@@ -497,14 +515,6 @@ def _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, 
                 txn.put_token(rec["ClientToken"], TokenEntry(rec["ParamsHash"], rec["SnapshotId"]))
             max_seq = max(max_seq, rec["Seq"])
             carried += 1
-        # One disk per path: a 'disk add' killed after its object and before its catalog record, then run
-        # again, leaves two objects for one path; the one snapshots name (else the newest) is the disk.
-        by_path = {}
-        for did in sorted(disks, key=lambda d: (d in newest, disks[d]["CreationTime"])):
-            by_path[disks[did]["Path"]] = did
-        for did in [d for d in disks if by_path.get(disks[d]["Path"]) != d and d not in newest]:
-            del disks[did]
-            repo.backend.delete_object("disks", did)  # a killed 'disk add' left it; nothing names it
         for did in set(disks) | set(newest):
             rec = dict(disks.get(did) or {"DiskId": did, "DiskName": did, "Path": "", "Type":
                                           newest[did]["SourceDiskType"], "Size": 0,
