@@ -698,6 +698,33 @@ def test_a_waiting_gc_is_not_overtaken_by_new_readers(tmp_path):
     assert events == ["gc in", "B in"]
 
 
+def waits_for_gc(client, call, readers=()):
+    """Hold the repository as a running gc does; ``readers(on_wait)`` must go through meanwhile, and
+    ``call(on_wait)`` must wait, say so once, and complete once gc is done. Returns what ``call`` returned."""
+    waited, done = [], []
+    told = threading.Event()
+
+    def on_wait():
+        waited.append(1)
+        told.set()
+
+    gc_lock = client.repo.lock_exclusive()  # gc is running
+    try:
+        for read in readers:
+            read(on_wait)
+        assert waited == []  # readers went through while gc held the repository
+        t = threading.Thread(target=lambda: done.append(call(on_wait)))
+        t.start()
+        assert told.wait(30)
+        time.sleep(0.2)
+        assert done == []  # still waiting
+    finally:
+        gc_lock.release()
+    t.join(30)
+    assert waited == [1] and len(done) == 1
+    return done[0]
+
+
 def test_a_create_that_waits_for_gc_says_so_and_readers_never_wait(tmp_path):
     """While gc holds the repository, a create waits; on_wait tells its caller (the CLI prints a line) once,
     and the create then completes. A restore and a verify do not wait for gc at all."""
@@ -707,27 +734,10 @@ def test_a_create_that_waits_for_gc_says_so_and_readers_never_wait(tmp_path):
     with Client(repo) as c:
         disk = c.add_disk(img)["DiskId"]
         sid = c.create_snapshot(disk)["SnapshotId"]
-        waited, done = [], []
-        told = threading.Event()
-
-        def on_wait():
-            waited.append(1)
-            told.set()
-
-        gc_lock = c.repo.lock_exclusive()  # gc is running
-        try:
-            c.restore(sid, str(tmp_path / "out.raw"), on_wait=on_wait)
-            assert c.verify(on_wait=on_wait)["Ok"]
-            assert waited == []  # readers went through while gc held the repository
-            t = threading.Thread(target=lambda: done.append(c.create_snapshot(disk, on_wait=on_wait)))
-            t.start()
-            assert told.wait(30)
-            time.sleep(0.2)
-            assert done == []  # still waiting
-        finally:
-            gc_lock.release()
-        t.join(30)
-        assert waited == [1] and len(done) == 1
+        readers = (lambda w: c.restore(sid, str(tmp_path / "out.raw"), on_wait=w),
+                   lambda w: c.verify(on_wait=w)["Ok"] or pytest.fail("verify"))
+        new = waits_for_gc(c, lambda w: c.create_snapshot(disk, on_wait=w), readers)
+        assert restores_identical(c, tmp_path, new["SnapshotId"], img)
 
 
 def test_a_failed_create_that_cannot_remove_its_object_leaves_its_data_for_gc(tmp_path, monkeypatch):
@@ -773,25 +783,8 @@ def test_a_disk_add_that_waits_for_gc_says_so(tmp_path):
     Client.init(repo, chunk_size=CHUNK)
     img = write_random(tmp_path / "a.raw", MiB)
     with Client(repo) as c:
-        waited, done = [], []
-        told = threading.Event()
-
-        def on_wait():
-            waited.append(1)
-            told.set()
-
-        gc_lock = c.repo.lock_exclusive()  # gc is running
-        try:
-            t = threading.Thread(target=lambda: done.append(c.add_disk(img, on_wait=on_wait)))
-            t.start()
-            assert told.wait(30)
-            time.sleep(0.2)
-            assert done == []  # still waiting
-        finally:
-            gc_lock.release()
-        t.join(30)
-        assert waited == [1] and len(done) == 1
-        assert [d["DiskId"] for d in c.describe_disks()["Disks"]["Disk"]] == [done[0]["DiskId"]]
+        added = waits_for_gc(c, lambda w: c.add_disk(img, on_wait=w))
+        assert [d["DiskId"] for d in c.describe_disks()["Disks"]["Disk"]] == [added["DiskId"]]
 
 
 def test_gc_repacks_packs_that_are_mostly_unused_and_removes_them_whole(tmp_path):
