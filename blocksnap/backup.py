@@ -41,8 +41,6 @@ PROGRESS_INTERVAL = 0.5  # seconds between Progress updates other processes can 
 SEGMENT_BYTES = SEGMENT_CHUNKS * 16
 PENDING_SEGMENT_BYTES = 8 << 20  # seal a pack early once this many bytes of new segments wait in it
 PARENT_CACHE = 8  # parent segments kept while the scanners pass them
-CREATE_FIELDS = ("Status", "Progress", "LastModifiedTime", "LogicalBytes", "ChangedBytes", "ChangedChunks",
-                 "AddedBytes", "AddedChunks")
 
 
 class _Stats:
@@ -402,15 +400,18 @@ class _Create:
             stop.set()
             raise
         finally:
-            if stop.is_set():
-                for _ in range(SCANNERS):
-                    free.put(None)  # wake scanners waiting for a buffer
-            to_seal.put(None)
-            sealer.join()
-            if not stop.is_set():
-                self.writer.close()
-            for t in scanners:
-                t.join()
+            # A second signal must not cut these joins short: _fail decides which packs to remove from
+            # what the sealer indexed, so the sealer has to be done first.
+            with interrupts.deferred():
+                if stop.is_set():
+                    for _ in range(SCANNERS):
+                        free.put(None)  # wake scanners waiting for a buffer
+                to_seal.put(None)
+                sealer.join()
+                if not stop.is_set():
+                    self.writer.close()
+                for t in scanners:
+                    t.join()
         if failures:
             raise failures[0]
         return bytes(self.map.seg_ids)
@@ -597,7 +598,8 @@ class _Create:
         if isinstance(exc, _native.ShortRead):
             return errors.ImageChanged(f"({path} shrank while it was read)")
         if isinstance(exc, OSError):
-            ours = exc.filename and os.path.abspath(str(exc.filename)).startswith(os.path.abspath(self.repo.path))
+            repo_path = os.path.abspath(self.repo.path)
+            ours = exc.filename and os.path.commonpath([os.path.abspath(str(exc.filename)), repo_path]) == repo_path
             if ours or exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 return errors.translate(exc, "the repository", op="create")
             return errors.translate(OSError(exc.errno, exc.strerror, exc.filename or path), op="scan-image")

@@ -331,15 +331,13 @@ class Repository:
     def segment_ids(self, txn, rec):
         """The segment ids of an accomplished snapshot's map (from the store if the catalog has not
         recorded it yet, see :meth:`view`)."""
-        n = refs.segments_of_size(rec["SourceDiskSize"], rec["ChunkSize"])
-        if txn.snapshot_map(rec["SnapshotId"], n) is None:
-            stored = self.stored_snapshot(rec["SnapshotId"])
-            if stored is not None:
-                if len(stored[1]) != 16 * n:
-                    raise errors.StoreDamaged(f"(the object of {rec['SnapshotId']} holds {len(stored[1]) // 16} "
-                                              f"segments, its size needs {n})")
-                return stored[1]
-        return refs.map_of(txn, rec)
+        segs = txn.snapshot_map(rec["SnapshotId"], refs.segments_of_size(rec["SourceDiskSize"], rec["ChunkSize"]))
+        if segs is not None:
+            return segs
+        stored = self.stored_snapshot(rec["SnapshotId"])  # its map's length is checked against its size
+        if stored is not None:
+            return stored[1]
+        raise errors.CatalogDamaged(f"(snapshot {rec['SnapshotId']} has no chunk map)")
 
     def exclusive_bytes(self, txn, rec):
         """Stored bytes that deleting this snapshot would free now."""

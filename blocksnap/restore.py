@@ -17,7 +17,7 @@ import os
 import stat
 import threading
 
-from . import _native, errors
+from . import _native, errors, interrupts
 from .repository import ACCOMPLISHED, ZERO_ID
 from .store.backend import fsync_dir
 from .store.config import SEGMENT_CHUNKS
@@ -343,8 +343,10 @@ def _restore_into(repo, fd, fresh, seg_ids, size, progress, snapshot_id=None):
         for fut in pending:
             written += fut.result()
     finally:
-        # On a failure or a signal, batches not started are dropped; the running ones (32 chunks) finish.
-        pool.shutdown(wait=True, cancel_futures=True)
+        # On a failure or a signal, batches not started are dropped; the running ones (32 chunks) finish,
+        # also when a second signal comes (the caller then closes and removes the output).
+        with interrupts.deferred():
+            pool.shutdown(wait=True, cancel_futures=True)
     if progress:
         progress(size, size)
     return written

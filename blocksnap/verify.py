@@ -41,9 +41,8 @@ def verify(repo, snapshot_id=None, progress=None, on_wait=None):
     try:
         v = _Verifier(repo, progress)
         if snapshot_id is None:
-            v.everything()
-        else:
-            v.one(snapshot_id)
+            return v.everything()
+        v.one(snapshot_id)
         return v.result()
     finally:
         if hold is not None:
@@ -79,7 +78,6 @@ class _Verifier:
         self.problems = []
         self.checked = 0
         self.checked_bytes = 0
-        self.chunk_packs = {}  # chunk id -> pack id of the entries read, for pack damage (only when needed)
 
     # --- one snapshot ---------------------------------------------------------------------------------
     def one(self, snapshot_id):
@@ -130,9 +128,10 @@ class _Verifier:
 
     # --- everything -----------------------------------------------------------------------------------
     def everything(self):
+        """Check the whole repository; returns the report."""
         if not catalogs.probe(self.repo.catalog.path):
             self._unreadable("LMDB stopped reading it on a damaged page")
-            return
+            return self.result()
         try:
             self._walk_catalog()
             chunk_items, seg_items = self._catalog_model()
@@ -140,9 +139,10 @@ class _Verifier:
             self._check_records(chunk_items, seg_items)
             self._check_packs()
             self._check_store()
-            self.result()  # resolving what damage affects reads the catalog too
+            return self.result()  # resolving what damage affects reads the catalog too
         except errors.CatalogDamaged as exc:
             self._unreadable(exc)
+            return self.result()
 
     def _unreadable(self, exc):
         """The catalog cannot be walked (LMDB's own structure is damaged, or a read ran off the end of
@@ -178,7 +178,6 @@ class _Verifier:
             self.bad_chunks[bytes(key)] = problem
         elif table == "disks":
             self.problems.append({"What": f"disk record {key.decode('ascii', 'replace')}", "Problem": problem})
-            self._disk_damaged = getattr(self, "_disk_damaged", set()) | {key.decode("ascii", "replace")}
         else:
             self.problems.append({"What": f"catalog {table or 'key'} {bytes(key)[:24].hex()}", "Problem": problem})
 
@@ -327,11 +326,13 @@ class _Verifier:
     def _check_lookups(self):
         """Every map resolved as a restore resolves it, by lookups (a damaged page can hide from a lookup
         what a scan still shows)."""
+        looked_up = set()  # segments shared by many snapshots (a chain) are looked up once
         with self.repo.catalog.read() as txn:
             for sid, segs in self.maps.items():
                 for seg_id in refs.split_ids(segs):
-                    if seg_id == ZERO_ID or seg_id in self.bad_segments:
+                    if seg_id == ZERO_ID or seg_id in self.bad_segments or seg_id in looked_up:
                         continue
+                    looked_up.add(seg_id)
                     try:
                         seg = txn.segment(seg_id)
                     except errors.CatalogDamaged as exc:

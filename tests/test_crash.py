@@ -219,8 +219,8 @@ def test_create_killed_at_random_times_leaves_repository_intact(tmp_path, repo_p
 @pytest.mark.parametrize("point", ["delete-marked", "delete-object-gone"])
 def test_delete_killed_at_crashpoint_is_finished_by_gc_or_a_second_delete(point, tmp_path, repo_path):
     """A delete SIGKILLed after its mark or after removing the snapshot's object: the snapshot is gone for
-    every reader at once, the other snapshot restores, verify is clean, and gc (or the same delete again)
-    finishes the work, giving back the space."""
+    every reader at once, the other snapshot restores, verify is clean, and gc (or the same delete again, or
+    a repair, which must not write the object back) finishes the work, giving back the space."""
     image = write_random(tmp_path / "disk.raw", 8 * MiB)
     a_saved = str(tmp_path / "a.saved")
     shutil.copyfile(image, a_saved)
@@ -234,9 +234,15 @@ def test_delete_killed_at_crashpoint_is_finished_by_gc_or_a_second_delete(point,
     assert rc == -signal.SIGKILL, (rc, out, err)
     assert os.path.exists(os.path.join(repo_path, "snapshots", s2)) == (point == "delete-marked")
 
-    for finisher in ("gc", "delete"):
+    for finisher in ("gc", "delete", "repair"):
         work = str(tmp_path / f"work-{finisher}")
         shutil.copytree(repo_path, work)
+        if finisher == "repair":  # the catalog rebuilt: the marked delete is finished, not undone
+            rc, out, err = finish(cli("--repo", work, "repair"))
+            assert rc == 0, (out, err)
+            assert not os.path.exists(os.path.join(work, "snapshots", s2))  # not written back
+            with reopen(work) as c, c.repo.catalog.read() as txn:
+                assert txn.snapshot(s2) is None
         with reopen(work) as c:
             assert [s["SnapshotId"] for s in snapshots(c)] == [s1]
             out = c.verify()
@@ -955,3 +961,26 @@ def test_init_killed_at_random_moments_of_its_build(tmp_path):
     for d in map(str, dirs):
         want = "Repository.Exists" if finished[d] else "made"
         assert results[d] == {"dir": d, "init": want, "open": "ok"}, results[d]
+
+
+def test_gc_dry_run_after_a_create_killed_after_its_object_plans_what_gc_does(tmp_path, repo_path):
+    """A create killed after storing its object is accomplished for readers before any writer settles it: a
+    dry run (which cannot settle it) must count its map as live, plan no dead chunks, and not fail when the
+    snapshot is past its retention; gc then does what the dry run said."""
+    image = write_random(tmp_path / "disk.raw", 4 * MiB)
+    with Client(repo_path) as c:
+        disk = c.add_disk(image)["DiskId"]
+    catalogs.close_env(os.path.join(repo_path, "catalog"))
+    rc, out, err = finish(cli("--repo", repo_path, "snapshot", "create", disk, "--retention-days", "1",
+                              BLOCKSNAP_CRASHPOINT="after-object"))
+    assert rc == -signal.SIGKILL, (rc, out, err)
+    with reopen(repo_path) as c:
+        [sid] = [s["SnapshotId"] for s in snapshots(c)]
+        plan = c.gc(dry_run=True)
+        assert (plan["DeadChunks"], plan["DeadSegments"], plan["ExpiredSnapshots"]) == (0, 0, []), plan
+        later = time.time() + 3 * 86400
+        plan = c.gc(dry_run=True, now=later)
+        assert plan["ExpiredSnapshots"] == [sid] and plan["DeadChunks"] == 64, plan
+        done = c.gc(now=later)
+        assert done["ExpiredSnapshots"] == [sid] and done["DeadChunks"] == 64, done
+        assert snapshots(c) == [] and c.verify()["Ok"]

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import MiB, child_env, cli, files_equal, write_random
@@ -109,26 +108,29 @@ def test_readers_write_nothing(tmp_path, repo_with_snapshots):
 
 
 HOLD_WRITE = """
-import sys, time
+import os, sys, time
 from blocksnap.api import Client
 c = Client(sys.argv[1])
 with c.repo.catalog.write() as txn:
     txn.put_meta_u64(b"held", 1)
     print("holding", flush=True)
-    time.sleep(float(sys.argv[2]))
+    deadline = time.monotonic() + 120
+    while not os.path.exists(sys.argv[2]) and time.monotonic() < deadline:  # until the test says go
+        time.sleep(0.01)
 print("released", flush=True)
 """
 
 
 def test_readers_are_not_held_up_by_a_long_write_transaction(tmp_path, repo_with_snapshots):
-    """While another process holds the catalog's write transaction open for 20 s, snapshot list, a restore
-    and a verify in other processes all finish, and the writer still holds it when they are done."""
+    """While another process holds the catalog's write transaction open (until the test lets it go),
+    snapshot list, a restore and a verify in other processes all finish, and the writer still holds it when
+    they are done."""
     repo, _, saved = repo_with_snapshots
-    writer = subprocess.Popen([sys.executable, "-c", HOLD_WRITE, repo, "20"], stdout=subprocess.PIPE,
+    go = str(tmp_path / "go")
+    writer = subprocess.Popen([sys.executable, "-c", HOLD_WRITE, repo, go], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=child_env())
     try:
         assert writer.stdout.readline().strip() == "holding"
-        t0 = time.monotonic()
         assert cli("--repo", repo, "snapshot", "list", timeout=15).returncode == 0
         sid, img = sorted(saved.items())[0]
         out = tmp_path / "held.out"
@@ -136,7 +138,8 @@ def test_readers_are_not_held_up_by_a_long_write_transaction(tmp_path, repo_with
         assert files_equal(out, img)
         assert cli("--repo", repo, "verify", timeout=15).returncode == 0
         assert writer.poll() is None  # the write transaction is still open
-        assert time.monotonic() - t0 < 20
+        open(go, "w").close()
+        assert writer.stdout.readline().strip() == "released"
     finally:
         writer.kill()
         writer.wait()

@@ -171,3 +171,42 @@ def test_an_upgrade_killed_at_any_step_is_finished_by_the_next(v1, tmp_path):
         proc = cli("--repo", path, "verify")
         assert proc.returncode == 0, (n, proc.stdout)
     assert finished < len(steps)  # the kills landed inside the upgrade
+
+
+def _files(path):
+    """Every file but the lock files (which the upgrade makes before it reads) with its mtime."""
+    return {os.path.join(dp, f): os.stat(os.path.join(dp, f)).st_mtime_ns for dp, _, fs in os.walk(path) for f in fs
+            if os.path.basename(dp) != "locks"}
+
+
+def test_an_upgrade_of_a_cut_short_format_1_catalog_is_a_typed_error_and_changes_nothing(v1):
+    """data.mdb of the format-1 catalog cut to half: upgrade says CatalogDamaged in one line (it must not map
+    the file: a read past its end is SIGBUS) and changes nothing."""
+    path, _ = v1
+    data = os.path.join(path, "catalog", "data.mdb")
+    os.truncate(data, os.path.getsize(data) // 2)
+    before = _files(path)
+    proc = cli("--repo", path, "upgrade")
+    assert proc.returncode > 0 and proc.stderr.startswith("blocksnap: error: Repository.CatalogDamaged"), proc
+    assert len(proc.stderr.splitlines()) == 1
+    assert _files(path) == before
+
+
+def test_an_upgrade_of_a_malformed_format_1_record_is_a_typed_error_and_changes_nothing(v1, tmp_path):
+    """A format-1 disk record without its Type: upgrade stops with CatalogDamaged before it changes anything."""
+    import lmdb
+
+    path, _ = v1
+    env = lmdb.open(os.path.join(path, "catalog"), max_dbs=16)
+    db = env.open_db(b"disks")
+    with env.begin(write=True, db=db) as txn:
+        key, raw = next(iter(txn.cursor()))
+        rec = json.loads(bytes(raw))
+        del rec["Type"]
+        txn.put(key, json.dumps(rec).encode())
+    env.close()
+    before = _files(path)
+    proc = cli("--repo", path, "upgrade")
+    assert proc.returncode > 0 and proc.stderr.startswith("blocksnap: error: Repository.CatalogDamaged"), proc
+    assert "Type" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert _files(path) == before

@@ -21,6 +21,11 @@ MAX_CHUNK_SIZE = 4 << 20
 SEGMENT_CHUNKS = 256  # chunk ids per map segment
 
 
+def segments_of_size(size, chunk_size):
+    """How many segments the map of an image of ``size`` bytes has."""
+    return -(-(-(-size // chunk_size)) // SEGMENT_CHUNKS)
+
+
 def now_iso(ts=None):
     t = datetime.datetime.fromtimestamp(time.time() if ts is None else ts, datetime.timezone.utc)
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")

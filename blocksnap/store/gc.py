@@ -69,17 +69,23 @@ def plan(repo, now=None, max_unused=None, grace=FAILED_GRACE):
     dead, dead_bytes, dead_segs = [], 0, []
     named_packs = {}  # pack id -> live bytes (records the index names)
     with repo.catalog.read() as txn:
-        recs = [repo.view(r) for r in txn.snapshots() if not r.get("Deleting")]
+        stored = [r for r in txn.snapshots() if not r.get("Deleting")]
+        recs = [repo.view(r) for r in stored]
         expired = [r["SnapshotId"] for r in recs if _expired(r, now)]
         failed = [r["SnapshotId"] for r in recs if _failed_old(r, now, grace)]
         expiring = [r for r in recs if r["SnapshotId"] in expired]
-        dying_segs = {s for s, uses in refs.segment_uses(txn, expiring).items() if txn.segment_refs(s) == uses}
+        # A dead create whose object reached the store is accomplished for readers but its map's references
+        # are not counted yet (gc settles it first; a dry run cannot): count them here.
+        rolled = [v for r, v in zip(stored, recs) if r["Status"] != v["Status"] and v["Status"] == "accomplished"]
+        rolled_uses = refs.segment_uses(txn, rolled, repo.segment_ids)
+        uses = refs.segment_uses(txn, expiring, repo.segment_ids)
+        dying_segs = {s for s, n in uses.items() if txn.segment_refs(s) + rolled_uses.get(s, 0) == n}
         index = {}  # pack id -> {offset: id} of records the index names
         drops = {}  # chunk id -> its places in segments that are (or will be) dead
         seg_bytes = {}
         for sid, seg in txn.segment_items(_refuse):
             index.setdefault(seg.pack_id, {})[seg.offset] = sid
-            if txn.segment_refs(sid) == 0 or sid in dying_segs:
+            if (txn.segment_refs(sid) == 0 and sid not in rolled_uses) or sid in dying_segs:
                 dead_segs.append(sid)
                 for j in _native.nonzero_ids(seg.ids):
                     cid = seg.ids[16 * j:16 * j + 16]
@@ -214,17 +220,18 @@ def _remove_unrecorded_disks(repo):
     except errors.RepositoryDamaged:
         return 0  # a damaged entry might name a disk: keep every disk object (verify reports the damage)
     removed = 0
-    for did in repo.backend.list_objects("disks"):
-        if did in known or did in named:
-            continue
-        for sid in repo.backend.list_objects("snapshots"):
-            try:
-                stored = objects.decode_snapshot(sid, repo.backend.get_object("snapshots", sid))
-            except errors.StoreDamaged:
-                return removed  # a damaged object might name it: keep every disk object
-            if stored and stored[0]["SourceDiskId"] == did:
-                break
-        else:
+    unknown = [did for did in repo.backend.list_objects("disks") if did not in known and did not in named]
+    if not unknown:
+        return 0
+    for sid in repo.backend.list_objects("snapshots"):  # the store's snapshots, read once
+        try:
+            stored = objects.decode_snapshot(sid, repo.backend.get_object("snapshots", sid))
+        except errors.StoreDamaged:
+            return 0  # a damaged object might name one: keep every disk object
+        if stored:
+            named.add(stored[0]["SourceDiskId"])
+    for did in unknown:
+        if did not in named:
             repo.backend.delete_object("disks", did)
             removed += 1
     return removed

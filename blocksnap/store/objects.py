@@ -22,7 +22,7 @@ import struct
 
 from .. import _native, errors
 from . import catalog
-from .config import SEGMENT_CHUNKS
+from .config import segments_of_size
 
 MAGIC = b"BSOBJ\x00"
 VERSION = 2
@@ -78,7 +78,7 @@ def decode_snapshot(name, data):
     if rec["SnapshotId"] != name or rec["Status"] != "accomplished":
         raise errors.StoreDamaged(f"(snapshot object {name} holds the record of {rec['SnapshotId']!r}, "
                                   f"{rec['Status']})")
-    segments = -(-(-(-rec["SourceDiskSize"] // rec["ChunkSize"])) // SEGMENT_CHUNKS)
+    segments = segments_of_size(rec["SourceDiskSize"], rec["ChunkSize"])
     if len(seg_ids) != 16 * segments:
         raise errors.StoreDamaged(f"(snapshot object {name} holds {len(seg_ids) // 16} segment ids, its size "
                                   f"needs {segments})")

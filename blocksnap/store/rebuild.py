@@ -28,7 +28,6 @@ from .catalog import ZERO_ID, ChunkEntry, PackEntry, SegmentEntry, TokenEntry
 from .layout import crashpoint
 from .packs import CODEC_RAW, KIND_CHUNK, KIND_SEGMENT, RECORD, Record, read_trailer
 
-DISK_FIELDS = ("DiskId", "DiskName", "Path", "Type", "Size", "CreationTime")
 
 
 def _salvage(repo, report, bad_packs=()):
@@ -54,6 +53,9 @@ def _salvage(repo, report, bad_packs=()):
             for sid in _safe(txn.snapshot_ids, []):
                 try:
                     rec = txn.snapshot(sid)
+                    if rec.get("Deleting"):  # a delete a crash interrupted: repair finishes it
+                        report["DeletesFinished"].append(sid)
+                        continue
                     if rec["Status"] == "accomplished":
                         seg_ids = refs.map_of(txn, rec)
                         snaps[sid] = (rec, seg_ids)
@@ -99,7 +101,6 @@ def _rescue(repo, stranded, report):
     that gc removes. Returns how many were copied."""
     if not stranded:
         return 0
-    from .. import _native
     from ..restore import _restorer
 
     restorer = _restorer(repo.chunk_size)
@@ -199,7 +200,7 @@ def repair(repo, progress=None, on_wait=None):
 
 
 def _repair(repo, progress):
-    report = {"ObjectsRewritten": 0, "SegmentsRewritten": 0, "Lost": [], "Problems": []}
+    report = {"ObjectsRewritten": 0, "SegmentsRewritten": 0, "Lost": [], "Problems": [], "DeletesFinished": []}
     recover_swap(repo.path)
     for kind in ("snapshots", "disks"):
         repo.backend.clear_temporaries(kind)
@@ -221,6 +222,8 @@ def _repair(repo, progress):
         report["RecordsRewritten"] += _rescue(repo, _walk_records(repo, pack_id), report)
 
     # --- the store's objects, mended from the old catalog where it has a good copy ---------------------
+    for sid in report["DeletesFinished"]:
+        backend.delete_object("snapshots", sid)  # as the interrupted delete would have (its mark came first)
     stored = {}
     for sid in backend.list_objects("snapshots"):
         try:
@@ -247,7 +250,7 @@ def _repair(repo, progress):
             disks[did] = rec
     for did, rec in old_disks.items():
         if did not in disks:
-            obj = {k: rec[k] for k in DISK_FIELDS}
+            obj = {k: rec[k] for k in catalogs.DISK_SCHEMA}
             backend.put_object("disks", did, objects.encode_disk(obj))
             disks[did] = obj
             report["ObjectsRewritten"] += 1
@@ -293,9 +296,8 @@ def build_catalog(repo, report, stored, disks, old_failed=(), old_segs=None, old
     return build
 
 
-def swap_in(repo, build, between=None):
-    """Put the catalog built at ``build`` in place of the live one (two renames; ``between`` runs after
-    them, before the old one is removed: the upgrade writes the new config there)."""
+def swap_in(repo, build):
+    """Put the catalog built at ``build`` in place of the live one (two renames), then remove the old one."""
     from .backend import fsync_dir
 
     crashpoint("repair-before-swap")
@@ -307,8 +309,6 @@ def swap_in(repo, build, between=None):
     crashpoint("repair-mid-swap")
     os.rename(build, live)
     fsync_dir(repo.path)
-    if between is not None:
-        between()
     shutil.rmtree(old, ignore_errors=True)
     repo.catalog = catalogs.Catalog(live, repo.repository_id)
 
@@ -531,6 +531,4 @@ def _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, 
         # of data drains both.
         txn.put_meta_u64(catalogs.META_EPOCH, old_epoch + 2)
     report.update(Snapshots=len(good), Disks=len(set(disks) | set(newest)), Segments=len(seg_uses),
-                  FailedRecords=carried)
-    with new.read() as txn:
-        report["Chunks"] = txn.count("chunks")
+                  FailedRecords=carried)  # Chunks: counted by _drop_unnamed_chunks, which runs next

@@ -25,15 +25,11 @@ Removing data is the one thing that can lose a snapshot, so no count decides it 
 
 from .. import _native, errors
 from .catalog import ZERO_ID
+from .config import segments_of_size  # noqa: F401 (used here and by callers of refs)
 from .packs import KIND_CHUNK, KIND_SEGMENT, RECORD, read_trailer
 
 MARK_BATCH = 64  # segments fed to the C filter per call
 
-
-def segments_of_size(size, chunk_size, segment_chunks=256):
-    """How many segments the map of an image of ``size`` bytes has."""
-    chunks = -(-size // chunk_size)
-    return -(-chunks // segment_chunks)
 
 
 def map_of(txn, rec):
@@ -93,8 +89,9 @@ def drop_map_refs(txn, seg_ids):
     return dead
 
 
-def segment_uses(txn, recs):
-    """``{segment id: places}``: how often these snapshots' maps name each non-zero segment."""
+def segment_uses(txn, recs, map_of=map_of):
+    """``{segment id: places}``: how often these snapshots' maps name each non-zero segment (``map_of``:
+    how a record's map is found)."""
     uses = {}
     for rec in recs:
         for sid in split_ids(map_of(txn, rec)):
@@ -110,27 +107,6 @@ def _unique_segments(txn, recs):
             seg = txn.segment(sid)
             if seg is not None:
                 yield seg
-
-
-def chunks_freed_by(txn, recs):
-    """``{chunk id: ChunkEntry}`` of the chunks that deleting these snapshots would leave unreferenced.
-
-    A chunk's refcount counts its places in stored segments: count the places in the segments only these
-    snapshots hold, and compare. (A dead segment not yet removed still holds its chunks, so a chunk it
-    shares is not counted until gc has removed it.)
-    """
-    chunk_uses = {}
-    for seg in _unique_segments(txn, recs):
-        ids = seg.ids
-        for j in _native.nonzero_ids(ids):
-            cid = ids[16 * j:16 * j + 16]
-            chunk_uses[cid] = chunk_uses.get(cid, 0) + 1
-    freed = {}
-    for cid, uses in chunk_uses.items():
-        entry = txn.chunk(cid)
-        if entry is not None and entry.refcount == uses:
-            freed[cid] = entry
-    return freed
 
 
 def exclusive_bytes(txn, rec):

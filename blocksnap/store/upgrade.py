@@ -26,7 +26,9 @@ import lmdb
 from .. import _native, errors
 from . import config as configs
 from . import objects, rebuild, refs
+from . import catalog
 from .catalog import ZERO_ID
+from .config import segments_of_size
 from .layout import V1_DB_NAMES
 from .packs import KIND_CHUNK, RECORD, Record, build_trailer, read_trailer
 
@@ -38,6 +40,7 @@ class V1Catalog:
     """Read-only access to a format-1 catalog (named LMDB databases, values unchecked)."""
 
     def __init__(self, path):
+        catalog.check_data_file(path)  # a cut-short file must not be mapped (SIGBUS)
         try:
             self.env = lmdb.open(path, readonly=True, lock=False, max_dbs=16, subdir=True, create=False)
             self.db = {n.decode(): self.env.open_db(n, create=False) for n in V1_DB_NAMES}
@@ -108,7 +111,7 @@ def _upgrade_v1(repo):
         for sid, rec in snaps.items():
             if rec.get("Status") == "accomplished":
                 size, cs = rec.get("SourceDiskSize"), rec.get("ChunkSize")
-                want = -(-(-(-size // cs)) // 256) if isinstance(size, int) and isinstance(cs, int) and cs > 0 else -1
+                want = segments_of_size(size, cs) if isinstance(size, int) and isinstance(cs, int) and cs > 0 else -1
                 if len(maps.get(sid.encode(), b"")) != 16 * want:
                     raise errors.CatalogDamaged(f"(format-1 snapshot {sid} has no chunk map of its size: the "
                                                 "upgrade stops; nothing was changed)")
@@ -122,7 +125,18 @@ def _upgrade_v1(repo):
         by_pack.setdefault(pack_id, []).append(Record(cid, offset, stored, raw, codec, KIND_CHUNK))
 
     # Everything is read and checked before anything is changed: a damaged format-1 catalog stops here.
-    accomplished = {sid: rec for sid, rec in snaps.items() if rec.get("Status") == "accomplished"}
+    accomplished = {sid: _as_v2(rec, tokens, f"format-1 snapshot {sid}") for sid, rec in snaps.items()
+                    if rec.get("Status") == "accomplished"}
+    failed = [_as_v2(rec, tokens, f"format-1 snapshot {sid}") for sid, rec in snaps.items()
+              if rec.get("Status") != "accomplished"]
+    disk_objs = {}
+    for did, rec in disks.items():
+        try:
+            disk_objs[did] = obj = {k: rec[k] for k in catalog.DISK_SCHEMA}
+            catalog.check_record(obj, catalog.DISK_SCHEMA, f"format-1 disk {did}")
+        except (KeyError, TypeError, errors.CatalogDamaged) as exc:
+            raise errors.CatalogDamaged(f"(format-1 disk record {did} is malformed ({exc}): the upgrade stops; "
+                                        "nothing was changed)") from None
     needed = {}
     for sid, rec in accomplished.items():
         for s in refs.split_ids(maps.get(sid.encode(), b"")):
@@ -158,43 +172,45 @@ def _upgrade_v1(repo):
     # 4. the objects
     stored = {}
     for sid, rec in accomplished.items():
-        rec = dict(rec)
-        tok = rec.get("ClientToken")
-        if tok and tokens.get(tok, {}).get("SnapshotId") == sid:
-            rec["ParamsHash"] = tokens[tok]["ParamsHash"]
         seg_ids = maps.get(sid.encode(), b"")
         repo.backend.put_object("snapshots", sid, objects.encode_snapshot(rec, seg_ids))
         stored[sid] = (rec, seg_ids)
-    disk_objs = {}
-    for did, rec in disks.items():
-        obj = {k: rec[k] for k in rebuild.DISK_FIELDS}
+    for did, obj in disk_objs.items():
         repo.backend.put_object("disks", did, objects.encode_disk(obj))
-        disk_objs[did] = obj
-    failed = []
-    for sid, rec in snaps.items():
-        if rec.get("Status") != "accomplished":
-            rec = dict(rec)
-            tok = rec.get("ClientToken")
-            if tok and tokens.get(tok, {}).get("SnapshotId") == sid:
-                rec["ParamsHash"] = tokens[tok]["ParamsHash"]
-            failed.append(rec)
     # 5. the version-2 catalog, then the config
     report = {"Lost": [], "Problems": [], "ObjectsRewritten": 0, "SegmentsRewritten": 0}
     build = rebuild.build_catalog(repo, report, stored, disk_objs, failed, None, 0, seq)
+    if report["Lost"]:  # before the format-1 catalog is touched: the repository stays version 1
+        shutil.rmtree(build, ignore_errors=True)
+        raise errors.InternalError(f"(the upgrade could not rebuild {report['Lost']}; the repository is still "
+                                   "format 1)")
     aside = os.path.join(path, f"catalog.v1-{os.urandom(4).hex()}")
     os.rename(live, aside)
     os.rename(build, live)
     from .backend import fsync_dir
 
     fsync_dir(path)
-    new_config = dict(repo.config, Version=configs.FORMAT_VERSION)
-    new_config.pop("Checksum", None)
-    configs.write(os.path.join(path, "config"), new_config)
+    configs.write(os.path.join(path, "config"), dict(repo.config, Version=configs.FORMAT_VERSION))
     shutil.rmtree(aside, ignore_errors=True)
-    if report["Lost"]:
-        raise errors.InternalError(f"(the upgrade could not rebuild {report['Lost']})")
     return {"From": 1, "To": configs.FORMAT_VERSION, "Snapshots": len(stored), "Disks": len(disk_objs),
             "Packs": len(by_pack), "FailedRecords": report.get("FailedRecords", 0)}
+
+
+def _as_v2(rec, tokens, what):
+    """A format-1 snapshot record as format 2 stores it (its ClientToken's ParamsHash, which format 1 kept
+    beside it, carried in), checked."""
+    if not isinstance(rec, dict):
+        raise errors.CatalogDamaged(f"({what} is not a record: the upgrade stops; nothing was changed)")
+    rec = dict(rec)
+    tok = rec.get("ClientToken")
+    if tok and isinstance(tokens.get(tok), dict) and tokens[tok].get("SnapshotId") == rec.get("SnapshotId"):
+        rec["ParamsHash"] = tokens[tok].get("ParamsHash")
+    try:
+        catalog.check_snapshot_record(rec, what)
+    except errors.CatalogDamaged as exc:
+        raise errors.CatalogDamaged(f"{exc.detail or '(' + what + ')'} (the upgrade stops; nothing was changed)") \
+            from None
+    return rec
 
 
 def _give_trailer(repo, pack_id, records, v1_entry):
