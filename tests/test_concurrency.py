@@ -823,3 +823,20 @@ def test_gc_repacks_packs_that_are_mostly_unused_and_removes_them_whole(tmp_path
         assert restores_identical(c, tmp_path, second, image)
     bad = cli_child("--repo", repo, "gc", "--max-unused", "150%")
     assert bad.returncode == 2 and "InvalidParameter" in bad.stderr
+
+
+def test_gc_keeps_a_live_segment_whose_count_is_wrong_and_reports_only_it(tmp_path):
+    """A live segment's refcount damaged to 0: gc's mark keeps it and its chunks, and reports the one wrong
+    count (its chunks' counts are right: they are not reported as wrong too); the snapshot still restores."""
+    repo = str(tmp_path / "repo")
+    Client.init(repo, chunk_size=CHUNK)
+    img = write_random(tmp_path / "a.raw", MiB)  # 16 chunks: one map segment
+    with Client(repo) as c:
+        sid = c.create_snapshot(c.add_disk(img)["DiskId"])["SnapshotId"]
+        with c.repo.catalog.read() as txn:
+            [seg] = [s for s in refs.split_ids(refs.map_of(txn, txn.snapshot(sid)))]
+        with c.repo.catalog.write() as txn:
+            txn.set_segment_refs(seg, 0)
+        out = c.gc()
+        assert out["Problems"] == [{"Segment": seg.hex(), "Problem": "refcount 0, but a map names it: kept"}], out
+        assert restores_identical(c, tmp_path, sid, img)

@@ -143,3 +143,22 @@ def test_readers_are_not_held_up_by_a_long_write_transaction(tmp_path, repo_with
     finally:
         writer.kill()
         writer.wait()
+
+
+def test_a_reader_remakes_lost_epoch_lock_files_on_a_writable_repository(tmp_path, repo_with_snapshots):
+    """The reader-epoch lock files removed from a writable repository: a restore makes them again and holds
+    one while it reads (else a writer could remove data under it)."""
+    repo, _, saved = repo_with_snapshots
+    for name in ("read-0.lock", "read-1.lock"):
+        os.unlink(os.path.join(repo, "locks", name))
+    with Client(repo) as c:
+        hold = c.repo.reader()
+        try:
+            assert hold is not None
+            assert sorted(n for n in os.listdir(os.path.join(repo, "locks")) if n.startswith("read-")) == \
+                ["read-0.lock", "read-1.lock"]
+        finally:
+            hold.release()
+        sid, img = sorted(saved.items())[0]
+        assert c.restore(sid, str(tmp_path / "r.out"))
+        assert files_equal(str(tmp_path / "r.out"), img)

@@ -56,6 +56,15 @@ def _refuse(key, exc):
     raise exc  # gc never removes anything on a damaged index: 'blocksnap repair' first
 
 
+def _doomed(repo, txn, now, grace):
+    """``(records, expired ids, old failed ids)``: the snapshots readers see, those past RetentionDays, and
+    the failed records past the grace period."""
+    stored = [r for r in txn.snapshots() if not r.get("Deleting")]
+    recs = [repo.view(r) for r in stored]
+    return stored, recs, [r["SnapshotId"] for r in recs if _expired(r, now)], \
+        [r["SnapshotId"] for r in recs if _failed_old(r, now, grace)]
+
+
 def plan(repo, now=None, max_unused=None, grace=FAILED_GRACE):
     """What gc would do, as a dict of lists and byte counts. Changes nothing.
 
@@ -69,10 +78,7 @@ def plan(repo, now=None, max_unused=None, grace=FAILED_GRACE):
     dead, dead_bytes, dead_segs = [], 0, []
     named_packs = {}  # pack id -> live bytes (records the index names)
     with repo.catalog.read() as txn:
-        stored = [r for r in txn.snapshots() if not r.get("Deleting")]
-        recs = [repo.view(r) for r in stored]
-        expired = [r["SnapshotId"] for r in recs if _expired(r, now)]
-        failed = [r["SnapshotId"] for r in recs if _failed_old(r, now, grace)]
+        stored, recs, expired, failed = _doomed(repo, txn, now, grace)
         expiring = [r for r in recs if r["SnapshotId"] in expired]
         # A dead create whose object reached the store is accomplished for readers but its map's references
         # are not counted yet (gc settles it first; a dry run cannot): count them here.
@@ -170,16 +176,17 @@ def execute(repo, on_wait=None, on_readers=None, now=None, max_unused=None, grac
         dead_segments = repo.finish_deletes()  # deletes a crash interrupted
         with repo.catalog.write() as txn:
             repo.settle_dead(txn)  # no create runs now: every progressing record is a dead one's
-        first = plan(repo, now, max_unused, grace)
-        for sid in first["ExpiredSnapshots"]:
+        with repo.catalog.read() as txn:
+            _, _, expired, failed = _doomed(repo, txn, time.time() if now is None else now, grace)
+        for sid in expired:
             try:
                 repo.delete_snapshot(sid, reclaim=False)
             except errors.InvalidSnapshotIdNotFound:
                 pass  # deleted meanwhile
-        _remove_failed(repo, first["FailedRecords"])
-        p = plan(repo, now, max_unused, grace)
-        p["ExpiredSnapshots"] = first["ExpiredSnapshots"]
-        p["FailedRecords"] = first["FailedRecords"]
+        _remove_failed(repo, failed)
+        p = plan(repo, now, max_unused, grace)  # the store walk, once, after the deletes
+        p["ExpiredSnapshots"] = expired
+        p["FailedRecords"] = failed
         job = refs.Reclaim(repo, blocking=True)
         job.on_wait = on_readers
         dead_segments.extend(p["DeadSegments"])

@@ -128,7 +128,11 @@ class ReaderEpochs:
                     return lock
             except FileNotFoundError:
                 lock.release()
-                return None
+                try:
+                    self.ensure()  # lost, on a writable repository: make them, and register again
+                    continue
+                except OSError:
+                    return None  # read-only media: no writer can remove data here
             except BaseException:  # the epoch's read failed (a damaged catalog): hold nothing
                 lock.release()
                 raise

@@ -202,7 +202,8 @@ class Reclaim:
             if segs or chunks:
                 live = live_segments(txn)
                 wrong_segs = segs & live
-                segs -= live
+                if wrong_segs:  # kept: the chunks only they name are no candidates either
+                    segs, chunks = self.expand(txn, segs - live, dead_chunks)
                 wrong_chunks = mark(txn, chunks, live)
                 chunks -= wrong_chunks
                 for sid in sorted(wrong_segs):
