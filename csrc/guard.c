@@ -89,11 +89,12 @@ int bs_guard_add(uint64_t start, uint64_t length)
         return BS_EINVAL;
     for (int i = 0; i < MAX_RANGES; i++) {
         uintptr_t expected = 0;
-        if (__atomic_load_n(&starts[i], __ATOMIC_ACQUIRE) == 0) {
+        /* Claim the slot by its start, then give it its end: until then the handler sees an empty range
+         * (end 0), never another adder's end. */
+        if (__atomic_compare_exchange_n(&starts[i], &expected, (uintptr_t)start, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE)) {
             __atomic_store_n(&ends[i], (uintptr_t)(start + length), __ATOMIC_RELEASE);
-            if (__atomic_compare_exchange_n(&starts[i], &expected, (uintptr_t)start, 0, __ATOMIC_ACQ_REL,
-                                            __ATOMIC_ACQUIRE))
-                return BS_OK;
+            return BS_OK;
         }
     }
     return BS_EINVAL;
@@ -103,8 +104,8 @@ int bs_guard_remove(uint64_t start)
 {
     for (int i = 0; i < MAX_RANGES; i++) {
         if (__atomic_load_n(&starts[i], __ATOMIC_ACQUIRE) == (uintptr_t)start) {
+            __atomic_store_n(&ends[i], 0, __ATOMIC_RELEASE); /* first: the slot is free only once this is done */
             __atomic_store_n(&starts[i], 0, __ATOMIC_RELEASE);
-            __atomic_store_n(&ends[i], 0, __ATOMIC_RELEASE);
             return BS_OK;
         }
     }
