@@ -140,3 +140,44 @@ def test_native_is_zero(benchmark):
     benchmark.group = "native"
     assert benchmark(native.is_zero, buf) is True
     _throughput(benchmark, NATIVE_BUF)
+
+
+@pytest.fixture(scope="module")
+def qcow2_images(workspace):
+    """The pristine image as a plain and as a zstd-compressed qcow2 (qemu-img convert)."""
+    plain = workspace["base"] / "pristine.qcow2"
+    zstd = workspace["base"] / "pristine-zstd.qcow2"
+    subprocess.run(["qemu-img", "convert", "-O", "qcow2", str(workspace["pristine"]), str(plain)], check=True)
+    subprocess.run(["qemu-img", "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd",
+                    str(workspace["pristine"]), str(zstd)], check=True)
+    return {"plain": plain, "zstd": zstd}
+
+
+@pytest.mark.parametrize("kind", ["plain", "zstd"])
+def test_full_snapshot_qcow2(benchmark, workspace, qcow2_images, kind):
+    """A full snapshot of the pristine image as a qcow2 (plain or zstd-compressed) into a fresh repository."""
+    def setup():
+        return fresh_repo(workspace["base"], qcow2_images[kind]), {}
+
+    benchmark.group = "snapshot"
+    benchmark.pedantic(snapshot, setup=setup, rounds=3, iterations=1)
+    _throughput(benchmark, workspace["size"])
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_restore_qcow2(benchmark, workspace, compress):
+    """A restore of a full snapshot into a new qcow2 file; qemu-img must find it identical to the image."""
+    repo, disk_id = fresh_repo(workspace["base"], workspace["pristine"])
+    sid = snapshot(repo, disk_id)
+    out = workspace["base"] / f"restored-{int(compress)}.qcow2"
+
+    def setup():
+        if out.exists():
+            out.unlink()
+        return (repo, "restore", sid, out, "--format", "qcow2") + (("--compress",) if compress else ()), {}
+
+    benchmark.group = "restore"
+    benchmark.pedantic(cli, setup=setup, rounds=3, iterations=1)
+    _throughput(benchmark, workspace["size"])
+    p = subprocess.run(["qemu-img", "compare", "-q", "-F", "raw", str(out), str(workspace["pristine"])])
+    assert p.returncode == 0, "the restored qcow2 differs from the image"

@@ -11,9 +11,9 @@ from cffi import FFI
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
-SOURCES = ["hash.c", "io.c", "scan.c", "punch.c", "write.c", "entropy.c", "codec.c", "restore.c", "packw.c", "guard.c"]
+SOURCES = ["hash.c", "io.c", "scan.c", "punch.c", "write.c", "entropy.c", "codec.c", "restore.c", "packw.c", "guard.c", "extent.c"]
 HEADER_DIRS = ["/usr/include", "/usr/local/include"]
-SYSTEM_HEADERS = [("xxhash.h", "libxxhash-dev"), ("zstd.h", "libzstd-dev")]
+SYSTEM_HEADERS = [("xxhash.h", "libxxhash-dev"), ("zstd.h", "libzstd-dev"), ("zlib.h", "zlib1g-dev")]
 
 
 def _cdef():
@@ -47,7 +47,7 @@ ffibuilder.set_source(
     sources=[os.path.relpath(os.path.join(CSRC, s), ROOT) for s in SOURCES],
     include_dirs=[os.path.relpath(CSRC, ROOT)],
     depends=[os.path.relpath(os.path.join(CSRC, "blocksnap.h"), ROOT)],
-    libraries=["xxhash", "zstd", "m", "pthread"],
+    libraries=["xxhash", "zstd", "z", "m", "pthread"],
     extra_compile_args=["-O3", "-std=c99", "-Wall", "-Wextra"],
 )
 

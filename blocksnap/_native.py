@@ -15,7 +15,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise errors.NativeMissing(f"({exc})") from exc
 
-ABI_VERSION = 10
+ABI_VERSION = 11
 ID_LEN = lib.BS_ID_LEN
 ZERO_ID = bytes(ID_LEN)
 
@@ -175,6 +175,69 @@ class Scanner:
                          ffi.from_buffer(buf, require_writable=True), len(buf),
                          ffi.from_buffer(parent_ids) if pn else ffi.NULL, pn,
                          self._ids, self._flags, self._changed, self._n_changed, self._err)
+        _check(rc, self._err[0])
+        nc = self._n_changed[0]
+        return (bytes(ffi.buffer(self._ids, n * ID_LEN)), bytes(ffi.buffer(self._flags, n)),
+                list(self._changed[0:nc]))
+
+
+EXT_ZERO = lib.BS_EXT_ZERO
+EXT_DATA = lib.BS_EXT_DATA
+EXT_RAW = lib.BS_EXT_RAW
+EXT_DEFLATE = lib.BS_EXT_DEFLATE
+EXT_ZSTD = lib.BS_EXT_ZSTD
+EXT_MAX_CLUSTER = lib.BS_EXT_MAX_CLUSTER
+EXT_MAX_STORED = lib.BS_EXT_MAX_STORED
+
+
+class Undecodable(Exception):
+    """A compressed cluster that does not decode to a whole cluster; ``index`` is its extent's."""
+
+    def __init__(self, index):
+        super().__init__(f"extent {index} does not decode")
+        self.index = index
+
+
+class ExtentScanner(Scanner):
+    """A Scanner for windows that an image source describes as extents (bs_scan_extents).
+
+    Extents are ``(length, host_off, fd, kind, stored_len, cluster_len, skip)`` tuples, EXT_* kinds
+    (csrc/blocksnap.h). Holds a decoding context of its own: one per thread.
+    """
+
+    def __init__(self, chunk_size, max_chunks):
+        super().__init__(chunk_size, max_chunks)
+        ctx = lib.bs_xctx_new()
+        if ctx == ffi.NULL:
+            raise errors.NativeOutOfMemory("(decoding context)")
+        self._ctx = ffi.gc(ctx, lib.bs_xctx_free)
+        self._failed = ffi.new("uint32_t *")
+
+    def scan_extents(self, extents, length, buf, parent_ids=b""):
+        """Fill, classify and hash a window of ``length`` guest bytes that ``extents`` describe.
+
+        Returns:
+            ``(ids, flags, changed)`` as ``scan``.
+        Raises:
+            OSError on a failed read (``.extent`` is the index of the extent), ShortRead if a raw file
+            shrank, Undecodable for a compressed cluster that does not decode.
+        """
+        n = -(-length // self.chunk_size)
+        if n > self.max_chunks:
+            raise ValueError("window larger than the scanner")
+        pn = len(parent_ids) // ID_LEN
+        ext = ffi.new("bs_extent[]", [{"length": e[0], "host_off": e[1], "fd": e[2], "kind": e[3],
+                                        "stored_len": e[4], "cluster_len": e[5], "skip": e[6]} for e in extents])
+        rc = lib.bs_scan_extents(self._ctx, ext, len(extents), length, self.chunk_size,
+                                 ffi.from_buffer(buf, require_writable=True), len(buf),
+                                 ffi.from_buffer(parent_ids) if pn else ffi.NULL, pn,
+                                 self._ids, self._flags, self._changed, self._n_changed, self._err, self._failed)
+        if rc == lib.BS_EDATA:
+            raise Undecodable(self._failed[0])
+        if rc == lib.BS_EIO:
+            exc = OSError(self._err[0], os.strerror(self._err[0]))
+            exc.extent = self._failed[0]
+            raise exc
         _check(rc, self._err[0])
         nc = self._n_changed[0]
         return (bytes(ffi.buffer(self._ids, n * ID_LEN)), bytes(ffi.buffer(self._flags, n)),
@@ -349,10 +412,22 @@ class Restorer:
         Raises:
             RestoreDamage (with the failing item's index), OSError (with ``.index`` set).
         """
-        n = len(items)
-        if n == 0:
-            return
-        arr = ffi.new("bs_restore_item[]", n)
+        if items:
+            self._finish(lib.bs_restore_chunks(self._codec._ptr, self._items(items), len(items), out_fd,
+                                               sparse_block, self._scratch, self._scratch_len, self._raw,
+                                               self._raw_len, self._failed, self._detail))
+
+    def restore_to_memory(self, items, dst):
+        """The same checks as ``restore``, each chunk's bytes copied to ``dst`` at its out_offset (bs_restore_to_memory)."""
+        if items:
+            self._finish(lib.bs_restore_to_memory(self._codec._ptr, self._items(items), len(items),
+                                                  ffi.from_buffer(dst, require_writable=True), len(dst),
+                                                  self._scratch, self._scratch_len, self._raw, self._raw_len,
+                                                  self._failed, self._detail))
+
+    @staticmethod
+    def _items(items):
+        arr = ffi.new("bs_restore_item[]", len(items))
         for k, (fd, off, stored, raw, codec, kind, cid, out_off) in enumerate(items):
             it = arr[k]
             it.pack_fd = fd
@@ -363,8 +438,9 @@ class Restorer:
             it.kind = kind
             it.id = cid
             it.out_offset = out_off
-        rc = lib.bs_restore_chunks(self._codec._ptr, arr, n, out_fd, sparse_block, self._scratch,
-                                   self._scratch_len, self._raw, self._raw_len, self._failed, self._detail)
+        return arr
+
+    def _finish(self, rc):
         if rc == lib.BS_OK:
             return
         index, detail = self._failed[0], self._detail[0]

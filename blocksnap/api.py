@@ -13,6 +13,7 @@ import time
 import unicodedata
 
 from . import backup, errors
+from . import image as images
 from .image import raw
 from .repository import ACCOMPLISHED, DEFAULT_CHUNK_SIZE, Repository, default_repo_path
 
@@ -230,30 +231,60 @@ class Client:
         self.close()
 
     # --- disks ---------------------------------------------------------------------------------------
-    def add_disk(self, image_path, disk_name=None, on_wait=None):
-        """Register a raw image or block device. Returns ``{"DiskId", "RequestId", ...}``.
+    def add_disk(self, image_path, disk_name=None, on_wait=None, format="auto", backing_dirs=(),
+                 allow_dirty=False):
+        """Register a disk image (raw or qcow2) or block device. Returns ``{"DiskId", "RequestId", ...}``.
 
-        ``on_wait`` is called once if a running gc makes it wait (it holds the repository lock shared,
-        as a create does).
-
+        Args:
+            format: "auto" (from the file's header, never its name), "raw" (the file's bytes are the disk,
+                whatever its header says) or "qcow2". Recorded in the disk: a disk registered raw is
+                always read raw.
+            backing_dirs: directories outside the image's own directory tree that its backing files and
+                external data file may be in (qcow2); by default only that tree is followed.
+            allow_dirty: snapshot a qcow2 even when its dirty bit is set or a QEMU process holds it open
+                for writing (the snapshot is then only as consistent as a crash).
+            on_wait: called once if a running gc makes it wait (it holds the repository lock shared,
+                as a create does).
         Raises:
-            InvalidParameter (an image path that is not a str or os.PathLike), InvalidDiskNameMalformed,
-            ImageUnsupported, ImageNotFound, ImageUnreadable, DiskAlreadyRegistered.
+            InvalidParameter (an image path that is not a str or os.PathLike, an unknown format),
+            InvalidDiskNameMalformed, ImageUnsupported, ImageMalformed, BackingFileDenied, ImageNotFound,
+            ImageUnreadable, DiskAlreadyRegistered.
         """
         image_path = validate_path(image_path, "the image path")
         if disk_name is not None and (not isinstance(disk_name, str) or not 1 <= len(disk_name) <= 128
                                       or not _encodable(disk_name)):
             raise errors.InvalidDiskNameMalformed()
-        if not _encodable(os.path.realpath(image_path)):
+        if format not in ("auto",) + images.FORMATS:
+            raise errors.InvalidParameter(f"(format {_shown(str(format))}: one of auto, {', '.join(images.FORMATS)})")
+        if isinstance(backing_dirs, (str, bytes)) or not all(isinstance(d, str) for d in backing_dirs):
+            raise errors.InvalidParameter("(backing_dirs: a list of directory paths)")
+        dirs = []
+        for d in backing_dirs:
+            d = validate_path(d, "a backing directory")
+            if not os.path.isdir(d):
+                raise errors.InvalidParameter(f"(backing directory {_shown(d)} is not a directory)")
+            dirs.append(os.path.realpath(d))
+        if not _encodable(os.path.realpath(image_path)) or not all(_encodable(d) for d in dirs):
             # Records are JSON text: a path whose bytes are not UTF-8 cannot be stored in one.
             raise errors.ImageUnsupported(f"({_shown(image_path)}: the path is not valid UTF-8; rename the image "
                                           "or register it through a symlink with a UTF-8 name)")
-        kind, size = raw.probe(image_path)
-        rec = self.repo.add_disk(image_path, disk_name, kind, size, on_wait=on_wait)
+        kind, _ = raw.probe(image_path)
+        # The whole chain is opened now, so a malformed image or a backing file outside the allowed
+        # directories is refused before it is registered. Being in use is checked at each create.
+        with images.open_source(image_path, format, dirs, allow_dirty=True) as src:
+            fmt, size = src.format, src.size
+        extra = {}
+        if fmt != "raw":
+            extra["Format"] = fmt
+        if dirs:
+            extra["BackingDirs"] = dirs
+        if allow_dirty:
+            extra["AllowDirty"] = True
+        rec = self.repo.add_disk(image_path, disk_name, kind, size, on_wait=on_wait, extra=extra)
         return dict(rec, RequestId=request_id())
 
     def describe_disks(self):
-        disks = self.repo.list_disks()
+        disks = [dict(d, Format=d.get("Format", "raw")) for d in self.repo.list_disks()]
         return {"Disks": {"Disk": disks}, "TotalCount": len(disks), "RequestId": request_id()}
 
     # --- snapshots -----------------------------------------------------------------------------------
@@ -383,11 +414,22 @@ class Client:
             out["Problems"] = self.repo.last_problems
         return out
 
-    def restore(self, snapshot_id, output, in_place=False, progress=None, sync=False, on_wait=None):
-        """Write a snapshot to ``output`` (see :func:`blocksnap.restore.restore_snapshot`)."""
+    def restore(self, snapshot_id, output, in_place=False, progress=None, sync=False, on_wait=None, format="raw",
+                compress=False):
+        """Write a snapshot to ``output`` (see :func:`blocksnap.restore.restore_snapshot`): ``format`` "raw" or
+        "qcow2", ``compress`` (qcow2 only) for zstd-compressed clusters.
+
+        Raises:
+            InvalidParameter for an unknown format or compress without qcow2; what restore_snapshot raises.
+        """
         from . import restore as restoring  # imported on use: the CLI's other commands start faster
 
-        out = restoring.restore_snapshot(self.repo, snapshot_id, output, in_place, progress, sync, on_wait)
+        if format not in images.FORMATS:
+            raise errors.InvalidParameter(f"(format {_shown(str(format))}: one of {', '.join(images.FORMATS)})")
+        if compress and format != "qcow2":
+            raise errors.InvalidParameter("(compress needs format qcow2: a raw image has no compressed form)")
+        out = restoring.restore_snapshot(self.repo, snapshot_id, output, in_place, progress, sync, on_wait,
+                                         format=format, compress=bool(compress))
         return dict(out, RequestId=request_id())
 
     def verify(self, snapshot_id=None, progress=None, on_wait=None):

@@ -26,7 +26,7 @@ import threading
 import time
 
 from . import _native, errors, interrupts
-from .image.raw import RawImage
+from . import image as images
 from .repository import ACCOMPLISHED, FAILED, PROGRESSING, crashpoint, mark_failed, new_id, now_iso
 from .store import objects, refs
 from .store import packs as packstore
@@ -180,7 +180,8 @@ class _Create:
     # --- the phases ----------------------------------------------------------------------------------
     def run(self, repo_lock):
         disk = self.repo.get_disk(self.disk_id)
-        with RawImage(disk["Path"]) as img:
+        with images.open_source(disk["Path"], disk.get("Format", "raw"), disk.get("BackingDirs", ()),
+                                disk.get("AllowDirty", False)) as img:
             self.rec = self._register(img)
             if self.rec.get("_existing"):
                 del self.rec["_existing"]
@@ -232,6 +233,8 @@ class _Create:
                 "ParentSnapshotId": parent["SnapshotId"] if parent else None, "Pid": os.getpid(),
                 "ChunkSize": self.cs,
             })
+            if img.format != "raw":
+                rec["SourceDiskFormat"] = img.format
             if rec.get("RetentionDays"):
                 rec["ExpiredTime"] = now_iso(now + rec["RetentionDays"] * 86400)
             if self.client_token:
@@ -317,7 +320,7 @@ class _Create:
             return run
 
         def scan_windows():
-            scanner = _native.Scanner(cs, per_window)
+            scanner = _native.ExtentScanner(cs, per_window)
             codec = _native.Codec(packstore.ZSTD_LEVEL, packstore.ZSTD_HASH_LOG)
             while not stop.is_set():
                 with windows_lock:
@@ -332,7 +335,11 @@ class _Create:
                     buf = bytearray(window)
                 k = off // cs
                 parent = self._parent_window(k, -(-length // cs))
-                ids, flags, changed = scanner.scan(img.fd, off, length, buf, parent)
+                extents = img.extents(off, length)
+                try:
+                    ids, flags, changed = scanner.scan_extents(extents, length, buf, parent)
+                except _native.Undecodable as exc:
+                    raise images.undecodable(img, extents, exc) from None
                 if not img.unchanged():
                     raise errors.ImageChanged(f"({img.path} changed while it was read)")
                 # Compress the changed chunks here too, in place, still without the GIL.
@@ -438,30 +445,23 @@ class _Create:
         return full or self.pending_seg_bytes >= PENDING_SEGMENT_BYTES
 
     def _data_windows(self, img, window):
-        """Windows ``(offset, length)`` that hold data; whole windows inside holes are skipped here.
+        """Windows ``(offset, length)`` that may hold data; windows the source calls all zeros are skipped.
 
-        Their map entries stay zero (holes), so a sparse 1 TiB image costs the C core only its
-        data. Skipped bytes count as scanned for Progress. Not thread-safe: callers hold a lock.
+        Their map entries stay zero (holes), so a sparse 1 TiB image (or a qcow2 with few clusters) costs
+        the C core only its data. Skipped bytes count as scanned for Progress. Not thread-safe: callers
+        hold a lock.
         """
         size, off = img.size, 0
-        while off < size:
-            try:
-                data = os.lseek(img.fd, off, os.SEEK_DATA)
-                hole = os.lseek(img.fd, data, os.SEEK_HOLE)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # nothing but a hole up to the end
-                    data = hole = size
-                else:  # no SEEK_DATA here (a block device): everything is data
-                    data, hole = off, size
-            if data >= size:
-                self._skip(off, size)
-                return
+        for data, hole in img.data_ranges(0, size):
+            if hole <= off:
+                continue
             start = max(off, data // window * window)
             end = min(size, -(-min(hole, size) // window) * window)
             self._skip(off, start)
             for w in range(start, end, window):
                 yield w, min(window, size - w)
             off = end
+        self._skip(off, size)
 
     def _skip(self, start, end):
         if end > start:

@@ -228,7 +228,32 @@ class ImageUnsupported(BlocksnapError):
     code = "InvalidImage.Unsupported"
     http_status = 400
     exit_code = EXIT_INVALID
-    message = "The image is not a regular file or block device."
+    message = ("The image is not something blocksnap can read: not a regular file or block device, or in a format "
+               "or with a feature it does not support.")
+
+
+class ImageMalformed(InvalidParameter):
+    code = "InvalidImage.Malformed"
+    message = "The image's metadata is damaged or inconsistent; nothing was read from it."
+
+
+class ImageInUse(Conflict):
+    code = "InvalidImage.InUse"
+    message = ("The image is in use or was not closed cleanly (qcow2 dirty bit, or QEMU holds its write lock); "
+               "stop the VM, or register the disk with --allow-dirty to snapshot it as it is.")
+
+
+class BackingFileDenied(BlocksnapError):
+    code = "InvalidImage.BackingFileDenied"
+    http_status = 403
+    exit_code = EXIT_INVALID
+    message = ("A backing or data file of the image lies outside the image's own directory tree; register the "
+               "disk with --backing-dir naming the directory it may be read from.")
+
+
+class ImageFormatChanged(CreateSnapshotFailed):
+    code = "InvalidImage.FormatChanged"
+    message = "The image is no longer in the format it was registered with."
 
 
 class RestoreFailed(BlocksnapError):

@@ -224,7 +224,7 @@ class Repository:
         return FileLock(self.disk_lock_path(disk_id))
 
     # --- disks ---------------------------------------------------------------------------------------
-    def add_disk(self, image_path, name=None, kind="file", size=0, on_wait=None):
+    def add_disk(self, image_path, name=None, kind="file", size=0, on_wait=None, extra=None):
         """Register an image file or block device; returns the disk record.
 
         The disk's object is written to the store before the catalog names it.
@@ -241,6 +241,7 @@ class Repository:
         disk_id = new_id("d-")
         rec = {"DiskId": disk_id, "DiskName": name or os.path.basename(real), "Path": real,
                "Type": kind, "Size": size, "CreationTime": now_iso()}
+        rec.update(extra or {})  # Format, BackingDirs, AllowDirty where not the defaults (catalog.DISK_OPTIONAL)
         # Held shared like a create: gc, which removes the objects of disks a killed 'disk add' left
         # unrecorded, cannot take this one's for such a leftover.
         lock = self.lock_shared(on_wait)

@@ -18,6 +18,7 @@ import stat
 import threading
 
 from . import _native, errors, interrupts
+from .image import sinks
 from .repository import ACCOMPLISHED, ZERO_ID
 from .store.backend import fsync_dir
 from .store.config import SEGMENT_CHUNKS
@@ -26,7 +27,6 @@ from .store.packs import KIND_CHUNK
 BATCH_CHUNKS = 32
 _tls = threading.local()
 RESTORE_WINDOW = 16 * SEGMENT_CHUNKS  # chunks located and ordered by pack at a time
-SPARSE_BLOCK = 4096
 
 
 def window_ids(txn, seg_ids, first_seg, n_segs, n_chunks):
@@ -77,12 +77,16 @@ def locate(txn, ids, first, chunk_size, include_zero=True):
     return out
 
 
-def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, sync=False, on_wait=None):
+def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, sync=False, on_wait=None,
+                     format="raw", compress=False):
     """Write a snapshot's image to ``output``.
 
     Args:
         output: a path. A new file is created sparse. An existing block device is
             written in place; an existing regular file only with ``in_place``.
+        format: "raw", or "qcow2" (a new qcow2 v3 file: only clusters with data are allocated;
+            an existing file or device is refused, in place or not).
+        compress: qcow2 only: store clusters zstd-compressed where that shrinks them.
         progress: optional callable(done_bytes, total_bytes).
         sync: fsync the output before returning (like ``cp``, ``qemu-img convert`` and
             ``restic restore``, the default leaves write-back to the kernel).
@@ -108,10 +112,20 @@ def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, s
             rec = accomplished(txn)
             seg_ids = repo.segment_ids(txn, rec)
         size = rec["SourceDiskSize"]
-        fd, fresh, unnamed = _open_output(output, in_place, size)
+        if format == "qcow2":
+            if in_place:
+                raise errors.RestoreFailed("(a qcow2 restore writes a new file; --in-place is for raw outputs)")
+            if os.path.lexists(output) and not os.path.isdir(output):
+                raise errors.OutputExists(f"({output}: a qcow2 restore writes a new file and never overwrites one)")
+        fd, fresh, unnamed = _open_output(output, in_place, size, truncate=format == "raw")
         done = False
         try:
-            written = _restore_into(repo, fd, fresh, seg_ids, size, progress, snapshot_id)
+            if format == "qcow2":
+                sink = sinks.Qcow2Sink(fd, size, repo.chunk_size, compress=compress)
+            else:
+                sink = sinks.RawSink(fd, fresh)
+            written = _restore_into(repo, sink, seg_ids, size, progress, snapshot_id)
+            sink.finish()
             if sync:
                 os.fsync(fd)
             if unnamed:
@@ -130,7 +144,7 @@ def restore_snapshot(repo, snapshot_id, output, in_place=False, progress=None, s
     return {"SnapshotId": snapshot_id, "Output": output, "Size": size, "RestoredBytes": written}
 
 
-def _open_output(output, in_place, size):
+def _open_output(output, in_place, size, truncate=True):
     """``(fd, fresh, unnamed)`` for the output. A new file is made without a name where the file system
     allows it (O_TMPFILE) and named only once it is complete (``_name_output``): a restore that fails or
     is killed leaves no file that looks like a restored image. Elsewhere it is created under its name
@@ -155,7 +169,8 @@ def _open_output(output, in_place, size):
                 fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 unnamed = False
             try:
-                os.ftruncate(fd, size)
+                if truncate:
+                    os.ftruncate(fd, size)
             except OSError:
                 os.close(fd)
                 if not unnamed:
@@ -275,9 +290,10 @@ def _restorer(chunk_size):
     return restorer
 
 
-def _restore_into(repo, fd, fresh, seg_ids, size, progress, snapshot_id=None):
+def _restore_into(repo, sink, seg_ids, size, progress, snapshot_id=None):
     cs = repo.chunk_size
     n = -(-size // cs)
+    fd, fresh = sink.fd, sink.fresh
     can_punch = [not fresh]
     zeros = bytes(cs)
 
@@ -301,9 +317,7 @@ def _restore_into(repo, fd, fresh, seg_ids, size, progress, snapshot_id=None):
             items.append((pack_fd, entry.offset, entry.stored_len, entry.raw_len, entry.codec, KIND_CHUNK, cid, off))
             done += clen
         try:
-            # One C call reads, checks, decodes, verifies and writes the whole batch without the GIL. A
-            # fresh file keeps holes for zero blocks inside chunks too; in place, every byte is written.
-            restorer.restore(items, fd, SPARSE_BLOCK if fresh else 0)
+            sink.write(restorer, items)
         except _native.RestoreDamage as exc:
             pack_fd, rec_off, _, _, _, _, cid, off = items[exc.index]
             raise errors.RepositoryDamaged(f"(chunk {cid.hex()} at offset {off} (record at {rec_off} of its pack): "

@@ -15,7 +15,7 @@
 #include <stdint.h>
 
 /* CDEF-BEGIN */
-#define BS_ABI_VERSION 10
+#define BS_ABI_VERSION 11
 
 #define BS_OK 0
 #define BS_EINVAL -1 /* an argument is out of range; nothing was written */
@@ -196,6 +196,14 @@ int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n,
                       uint32_t sparse_block, uint8_t *scratch, size_t scratch_len,
                       uint8_t *raw, size_t raw_len, uint32_t *failed_out, int *detail_out);
 /*
+ * bs_restore_to_memory: bs_restore_chunks into memory: each item's checked raw bytes are copied to
+ * dst + out_offset (an item that does not fit dst[0:dst_len) is BS_DAMAGE_INDEX). For sinks that lay
+ * the guest data out themselves (qcow2). Same checks, same failure reporting.
+ */
+int bs_restore_to_memory(bs_codec *codec, const bs_restore_item *items, uint32_t n, uint8_t *dst,
+                         size_t dst_len, uint8_t *scratch, size_t scratch_len, uint8_t *raw, size_t raw_len,
+                         uint32_t *failed_out, int *detail_out);
+/*
  * bs_packw: appends chunk records to pack files through page-aligned
  * staging buffers of stage_bytes (a multiple of 4096), nstages >= 2 of
  * them, and an I/O thread of its own that writes each full buffer with
@@ -259,6 +267,57 @@ int bs_guard_add(uint64_t start, uint64_t length);
 int bs_guard_remove(uint64_t start);
 uint64_t bs_guard_faults(void);
 int bs_guard_abort_exit(const char *message);
+/*
+ * Image sources (blocksnap/image/) describe one window of a guest disk as consecutive extents, each
+ * saying where its guest bytes come from.
+ *   BS_EXT_ZERO     reads as zeros; nothing is read (a zero or unallocated cluster, a hole, the part
+ *                   of a disk past its backing file's end).
+ *   BS_EXT_DATA     length bytes at host_off of fd; bytes past the file's end read as zeros (as QEMU
+ *                   reads a qcow2's data file).
+ *   BS_EXT_RAW      like DATA, but the file's holes (SEEK_DATA/SEEK_HOLE) are not read, and the
+ *                   file must reach host_off+length: a file that shrank is BS_ESHORT (raw images).
+ *   BS_EXT_DEFLATE  one compressed qcow2 cluster: stored_len bytes at host_off (past the file's end:
+ *   BS_EXT_ZSTD     zeros) decode to cluster_len bytes, raw deflate (RFC 1951, 4 KiB window) or
+ *                   zstd; the extent is bytes [skip, skip+length) of the decoded cluster. Decoding
+ *                   that does not produce the whole cluster is BS_EDATA.
+ */
+#define BS_EXT_ZERO 0
+#define BS_EXT_DATA 1
+#define BS_EXT_RAW 2
+#define BS_EXT_DEFLATE 3
+#define BS_EXT_ZSTD 4
+#define BS_EXT_MAX_CLUSTER 2097152 /* the largest qcow2 cluster: 2 MiB */
+#define BS_EXT_MAX_STORED 2101248  /* a compressed cluster's largest stored size: one cluster + 4 KiB */
+
+typedef struct {
+    uint64_t length;      /* guest bytes this extent covers */
+    uint64_t host_off;    /* where they (or the compressed cluster) start in fd */
+    int fd;
+    uint8_t kind;         /* BS_EXT_* */
+    uint32_t stored_len;  /* compressed: bytes to read at host_off */
+    uint32_t cluster_len; /* compressed: the decoded cluster's size */
+    uint32_t skip;        /* compressed: where in the decoded cluster this extent starts */
+} bs_extent;
+
+/* A decoding context for one thread: zstd and zlib decoders and a cluster of scratch each way. NULL
+ * when out of memory. */
+typedef struct bs_xctx bs_xctx;
+bs_xctx *bs_xctx_new(void);
+void bs_xctx_free(bs_xctx *x);
+
+/*
+ * bs_scan_extents: bs_scan for a window that n_ext extents describe: the extents' lengths must add up
+ * to length (else BS_EINVAL). The window is filled into buf (chunk i at buf + i*chunk_size), then
+ * classified, hashed and compared with parent_ids exactly as bs_scan does; a chunk that lies wholly in
+ * ZERO extents and file holes is a HOLE (never read). Outputs as bs_scan. On BS_EIO (*err_out =
+ * errno), BS_ESHORT, BS_EDATA (a compressed cluster that does not decode) or BS_EINVAL (a malformed
+ * extent) *failed_out is the index of the extent that failed (n_ext when none did) and the outputs must
+ * be discarded.
+ */
+int bs_scan_extents(bs_xctx *x, const bs_extent *ext, uint32_t n_ext, uint64_t length, uint32_t chunk_size,
+                    uint8_t *buf, size_t buf_len, const uint8_t *parent_ids, uint32_t parent_n,
+                    uint8_t *ids_out, uint8_t *flags_out, uint32_t *changed_out, uint32_t *n_changed,
+                    int *err_out, uint32_t *failed_out);
 /* CDEF-END */
 
 /* Internal to the C core (not part of the cffi interface). */
@@ -275,5 +334,16 @@ int bs_read_full(int fd, uint8_t *dst, size_t len, uint64_t off, int *err_out);
 /* bs_write_full: pwrite all of p[0:len) at off, retrying after EINTR and short writes. BS_EIO with
  * *err_out = errno when a write fails, ENOSPC when one makes no progress (io.c). */
 int bs_write_full(int fd, const uint8_t *p, size_t len, uint64_t off, int *err_out);
+
+/* bs_classify: the second half of bs_scan and bs_scan_extents: given a filled window and flags that
+ * mark HOLE chunks (the others 0), find ZERO chunks, hash the DATA ones, compare with the parent
+ * (scan.c). */
+int bs_classify(const uint8_t *buf, uint64_t length, uint32_t chunk_size,
+                const uint8_t *parent_ids, uint32_t parent_n,
+                uint8_t *ids_out, uint8_t *flags_out, uint32_t *changed_out, uint32_t *n_changed);
+
+/* bs_fill_extents: the first half of bs_scan_extents (extent.c). */
+int bs_fill_extents(bs_xctx *x, const bs_extent *ext, uint32_t n_ext, uint8_t *buf, uint64_t length,
+                    uint32_t chunk_size, uint8_t *flags_out, int *err_out, uint32_t *failed_out);
 
 #endif

@@ -23,6 +23,45 @@ static int read_record(int fd, uint8_t *dst, size_t len, uint64_t off, int *deta
     return rc;
 }
 
+/* Read, check and decode one item; *data_out points at its raw bytes (in scratch or raw). */
+static int load_item(bs_codec *codec, const bs_restore_item *it, uint8_t *scratch, size_t scratch_len,
+                     uint8_t *raw, size_t raw_len, const uint8_t **data_out, int *detail_out)
+{
+    if (BS_RECORD_SIZE + (size_t)it->stored_len > scratch_len || it->raw_len > raw_len) {
+        *detail_out = BS_DAMAGE_INDEX;
+        return BS_EDAMAGED;
+    }
+    int rc = read_record(it->pack_fd, scratch, BS_RECORD_SIZE + (size_t)it->stored_len, it->pack_offset,
+                         detail_out);
+    if (rc != BS_OK)
+        return rc;
+    if (memcmp(scratch, BS_RECORD_MAGIC, 4) != 0 || scratch[4] != it->codec || scratch[5] != it->kind ||
+        scratch[6] != 0 || scratch[7] != 0 || be32(scratch + 8) != it->raw_len ||
+        be32(scratch + 12) != it->stored_len || memcmp(scratch + 16, it->id, BS_ID_LEN) != 0) {
+        *detail_out = BS_DAMAGE_HEADER;
+        return BS_EDAMAGED;
+    }
+    const uint8_t *data = scratch + BS_RECORD_SIZE;
+    if (it->codec != BS_CODEC_RAW) {
+        if (bs_decode(codec, it->codec, data, it->stored_len, raw, it->raw_len) != BS_OK) {
+            *detail_out = BS_DAMAGE_DECODE;
+            return BS_EDAMAGED;
+        }
+        data = raw;
+    } else if (it->stored_len != it->raw_len) {
+        *detail_out = BS_DAMAGE_HEADER;
+        return BS_EDAMAGED;
+    }
+    uint8_t id[BS_ID_LEN];
+    bs_hash128(data, it->raw_len, id);
+    if (memcmp(id, it->id, BS_ID_LEN) != 0) {
+        *detail_out = BS_DAMAGE_HASH;
+        return BS_EDAMAGED;
+    }
+    *data_out = data;
+    return BS_OK;
+}
+
 int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n, int out_fd,
                       uint32_t sparse_block, uint8_t *scratch, size_t scratch_len,
                       uint8_t *raw, size_t raw_len, uint32_t *failed_out, int *detail_out)
@@ -30,43 +69,38 @@ int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n,
     *detail_out = 0;
     for (uint32_t k = 0; k < n; k++) {
         const bs_restore_item *it = &items[k];
+        const uint8_t *data;
         *failed_out = k;
-        if (BS_RECORD_SIZE + (size_t)it->stored_len > scratch_len || it->raw_len > raw_len) {
-            *detail_out = BS_DAMAGE_INDEX;
-            return BS_EDAMAGED;
-        }
-        int rc = read_record(it->pack_fd, scratch, BS_RECORD_SIZE + (size_t)it->stored_len, it->pack_offset,
-                             detail_out);
+        int rc = load_item(codec, it, scratch, scratch_len, raw, raw_len, &data, detail_out);
         if (rc != BS_OK)
             return rc;
-        if (memcmp(scratch, BS_RECORD_MAGIC, 4) != 0 || scratch[4] != it->codec || scratch[5] != it->kind ||
-            scratch[6] != 0 || scratch[7] != 0 || be32(scratch + 8) != it->raw_len ||
-            be32(scratch + 12) != it->stored_len || memcmp(scratch + 16, it->id, BS_ID_LEN) != 0) {
-            *detail_out = BS_DAMAGE_HEADER;
-            return BS_EDAMAGED;
-        }
-        const uint8_t *data = scratch + BS_RECORD_SIZE;
-        if (it->codec != BS_CODEC_RAW) {
-            if (bs_decode(codec, it->codec, data, it->stored_len, raw, it->raw_len) != BS_OK) {
-                *detail_out = BS_DAMAGE_DECODE;
-                return BS_EDAMAGED;
-            }
-            data = raw;
-        } else if (it->stored_len != it->raw_len) {
-            *detail_out = BS_DAMAGE_HEADER;
-            return BS_EDAMAGED;
-        }
-        uint8_t id[BS_ID_LEN];
-        bs_hash128(data, it->raw_len, id);
-        if (memcmp(id, it->id, BS_ID_LEN) != 0) {
-            *detail_out = BS_DAMAGE_HASH;
-            return BS_EDAMAGED;
-        }
         if (out_fd < 0)
             continue; /* checking only (verify) */
         rc = bs_pwrite_sparse(out_fd, data, it->raw_len, it->out_offset, sparse_block, detail_out);
         if (rc != BS_OK)
             return rc;
+    }
+    *failed_out = n;
+    return BS_OK;
+}
+
+int bs_restore_to_memory(bs_codec *codec, const bs_restore_item *items, uint32_t n, uint8_t *dst,
+                         size_t dst_len, uint8_t *scratch, size_t scratch_len, uint8_t *raw, size_t raw_len,
+                         uint32_t *failed_out, int *detail_out)
+{
+    *detail_out = 0;
+    for (uint32_t k = 0; k < n; k++) {
+        const bs_restore_item *it = &items[k];
+        const uint8_t *data;
+        *failed_out = k;
+        if (it->out_offset > dst_len || it->raw_len > dst_len - it->out_offset) {
+            *detail_out = BS_DAMAGE_INDEX;
+            return BS_EDAMAGED;
+        }
+        int rc = load_item(codec, it, scratch, scratch_len, raw, raw_len, &data, detail_out);
+        if (rc != BS_OK)
+            return rc;
+        memcpy(dst + it->out_offset, data, it->raw_len);
     }
     *failed_out = n;
     return BS_OK;

@@ -13,8 +13,6 @@
 
 #include "blocksnap.h"
 
-static const uint8_t zero_id[BS_ID_LEN];
-
 /* Next data range at or after pos, clipped to end: [*ds, *de). Returns 0 if
  * there is none. Without SEEK_DATA support everything counts as data. */
 static int next_data(int fd, uint64_t pos, uint64_t end, uint64_t *ds, uint64_t *de)
@@ -77,6 +75,16 @@ int bs_scan(int fd, uint64_t offset, uint64_t length, uint32_t chunk_size,
         pos = re;
     }
 
+    return bs_classify(buf, length, chunk_size, parent_ids, parent_n, ids_out, flags_out, changed_out, n_changed);
+}
+
+/* bs_classify: the second half of every scan (header, internal section). */
+int bs_classify(const uint8_t *buf, uint64_t length, uint32_t chunk_size,
+                const uint8_t *parent_ids, uint32_t parent_n,
+                uint8_t *ids_out, uint8_t *flags_out, uint32_t *changed_out, uint32_t *n_changed)
+{
+    static const uint8_t zero_id[BS_ID_LEN];
+    uint64_t n = (length + chunk_size - 1) / chunk_size;
     uint32_t nc = 0;
     for (uint64_t i = 0; i < n; i++) {
         uint8_t *id = ids_out + i * BS_ID_LEN;

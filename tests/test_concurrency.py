@@ -51,7 +51,7 @@ GATED_SCAN = """
 import os, sys, time
 from blocksnap import _native
 gate, free = sys.argv[1], int(sys.argv[2])
-_orig = _native.Scanner.scan
+_orig = _native.ExtentScanner.scan_extents
 _calls = []
 def scan(self, *a, **k):
     _calls.append(1)
@@ -60,7 +60,7 @@ def scan(self, *a, **k):
         while not os.path.exists(gate) and time.monotonic() < deadline:
             time.sleep(0.01)
     return _orig(self, *a, **k)
-_native.Scanner.scan = scan
+_native.ExtentScanner.scan_extents = scan
 """
 
 # The child stops before indexing its first pack until every process named in argv[2] got there too.
@@ -271,7 +271,7 @@ def test_two_disks_snapshotted_at_once_share_stored_data(tmp_path, repo_path):
 # --- point in time -------------------------------------------------------------------------------------
 def _change_after(monkeypatch, image, windows, how):
     """Make the scanner change ``image`` right after it read ``windows`` windows."""
-    orig = _native.Scanner.scan
+    orig = _native.ExtentScanner.scan_extents
     calls = []
 
     def scan(self, *args, **kwargs):
@@ -289,7 +289,7 @@ def _change_after(monkeypatch, image, windows, how):
                     f.truncate(os.path.getsize(image) // 2)
         return out
 
-    monkeypatch.setattr(_native.Scanner, "scan", scan)
+    monkeypatch.setattr(_native.ExtentScanner, "scan_extents", scan)
 
 
 @pytest.mark.parametrize("how", ["rewrite", "append", "truncate"])

@@ -541,13 +541,13 @@ def test_whole_window_holes_never_reach_the_c_core(client, make_image, monkeypat
     from blocksnap import _native
 
     calls = []
-    real_scan = _native.Scanner.scan
+    real_scan = _native.ExtentScanner.scan_extents
 
-    def counting_scan(self, fd, offset, length, buf, parent_ids=b""):
-        calls.append((offset, length))
-        return real_scan(self, fd, offset, length, buf, parent_ids)
+    def counting_scan(self, extents, length, buf, parent_ids=b""):
+        calls.append((extents[0][1], length))
+        return real_scan(self, extents, length, buf, parent_ids)
 
-    monkeypatch.setattr(_native.Scanner, "scan", counting_scan)
+    monkeypatch.setattr(_native.ExtentScanner, "scan_extents", counting_scan)
     size = 64 << 30
     img = make_image("big.raw", size, [(3 * MiB, rand(CS, 20)), (size - 100, b"tail of the disk")])
     sid = snap(client, client.add_disk(img)["DiskId"])

@@ -23,7 +23,7 @@ from blocksnap import _native
 from blocksnap.store import packs
 packs.PACK_TARGET = 4 << 20
 ready, free = sys.argv[1], int(sys.argv[2])
-_orig = _native.Scanner.scan
+_orig = _native.ExtentScanner.scan_extents
 _calls = []
 def scan(self, *a, **k):
     _calls.append(1)
@@ -34,7 +34,7 @@ def scan(self, *a, **k):
         while not os.path.exists(ready + ".go") and time.monotonic() < deadline:
             time.sleep(0.01)
     return _orig(self, *a, **k)
-_native.Scanner.scan = scan
+_native.ExtentScanner.scan_extents = scan
 from blocksnap.cli.main import main
 sys.exit(main(sys.argv[3:]))
 """

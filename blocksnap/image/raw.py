@@ -9,14 +9,35 @@ import errno
 import os
 import stat
 
-from .. import errors
+from .. import _native, errors
+
+
+def seek_data_ranges(fd, start, end):
+    """Ranges ``(start, end)`` of ``fd`` in [start, end) that SEEK_DATA/SEEK_HOLE call data, ascending; all of
+    it where the file system or device cannot tell."""
+    off = start
+    while off < end:
+        try:
+            data = os.lseek(fd, off, os.SEEK_DATA)
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole up to the end
+                return
+            yield off, end  # no SEEK_DATA here (a block device): everything is data
+            return
+        if data >= end:
+            return
+        yield data, min(hole, end)
+        off = hole
 
 
 class RawImage:
-    """An open raw image; use as a context manager.
+    """An open raw image, as an image source (blocksnap/image/__init__.py); use as a context manager.
 
-    Attributes: ``path``, ``fd``, ``size`` (bytes), ``kind`` ("file" or "block").
+    Attributes: ``path``, ``fd``, ``size`` (bytes), ``kind`` ("file" or "block"), ``format`` ("raw").
     """
+
+    format = "raw"
 
     def __init__(self, path):
         self.path = path
@@ -61,6 +82,13 @@ class RawImage:
     def unchanged(self):
         """True if the image looks as it did when it was opened."""
         return self.identity() == self._identity
+
+    def extents(self, start, length):
+        """The guest view of [start, start+length): the file's own bytes, holes not read (BS_EXT_RAW)."""
+        return [(length, start, self.fd, _native.EXT_RAW, 0, 0, 0)]
+
+    def data_ranges(self, start=0, end=None):
+        return seek_data_ranges(self.fd, start, self.size if end is None else end)
 
     def close(self):
         if self.fd is not None:

@@ -91,6 +91,28 @@ SNAPSHOT_SCHEMA = {
     "ParentSnapshotId": (str, type(None)),
 }
 STATUSES = ("progressing", "accomplished", "failed")
+# Fields a disk record holds only where they are not the default (absent: a raw disk, only its own
+# directory tree followed, a dirty qcow2 refused): records written before they existed stay valid.
+DISK_FORMATS = ("raw", "qcow2")
+DISK_OPTIONAL = ("Format", "BackingDirs", "AllowDirty")
+
+
+def disk_object_fields(rec):
+    """The fields of a disk record that its store object holds (the schema's and the optional ones set)."""
+    return {k: rec[k] for k in list(DISK_SCHEMA) + [k for k in DISK_OPTIONAL if k in rec]}
+
+
+def check_disk_record(rec, what="disk record"):
+    """Raise CatalogDamaged unless ``rec`` is a disk record, its optional fields included."""
+    check_record(rec, DISK_SCHEMA, what)
+    if rec.get("Format", "raw") not in DISK_FORMATS:
+        raise errors.CatalogDamaged(f"({what}: unknown Format {rec.get('Format')!r})")
+    dirs = rec.get("BackingDirs", [])
+    if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
+        raise errors.CatalogDamaged(f"({what}: field BackingDirs is of the wrong type)")
+    if not isinstance(rec.get("AllowDirty", False), bool):
+        raise errors.CatalogDamaged(f"({what}: field AllowDirty is of the wrong type)")
+    return rec
 
 
 def check_record(rec, schema, what):
@@ -549,7 +571,7 @@ class Txn:
         raw = self._get(key, MAX_JSON, f"disk record {disk_id}")
         if raw is None:
             return None
-        rec = check_record(load_json(raw, f"disk record {disk_id}"), DISK_SCHEMA, f"disk record {disk_id}")
+        rec = check_disk_record(load_json(raw, f"disk record {disk_id}"), f"disk record {disk_id}")
         if rec["DiskId"] != disk_id:
             raise errors.CatalogDamaged(f"(disk record {disk_id} names {rec['DiskId']!r})")
         return rec

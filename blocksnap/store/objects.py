@@ -96,7 +96,7 @@ def decode_disk(name, data):
         return None
     rec = out[0]
     try:
-        catalog.check_record(rec, catalog.DISK_SCHEMA, f"disk object {name}")
+        catalog.check_disk_record(rec, f"disk object {name}")
     except errors.CatalogDamaged as exc:
         raise errors.StoreDamaged(exc.detail) from None
     if rec["DiskId"] != name:

@@ -250,7 +250,7 @@ def _repair(repo, progress):
             disks[did] = rec
     for did, rec in old_disks.items():
         if did not in disks:
-            obj = {k: rec[k] for k in catalogs.DISK_SCHEMA}
+            obj = catalogs.disk_object_fields(rec)
             backend.put_object("disks", did, objects.encode_disk(obj))
             disks[did] = obj
             report["ObjectsRewritten"] += 1
