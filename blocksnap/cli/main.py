@@ -4,7 +4,7 @@ import os
 import sys
 import traceback
 
-from .. import __version__, errors, interrupts
+from .. import __version__, clock, errors, interrupts
 from ..api import Client
 from ..repository import default_repo_path
 from . import disk_cmd, repo_cmd, restore_cmd, snapshot_cmd
@@ -71,12 +71,13 @@ def main(argv=None):
         if not getattr(args, "needs_client", True):
             code = args.func(args, repo_path or default_repo_path())
         else:
+            now = clock.from_env()  # BLOCKSNAP_NOW: the test clock (docs/API.md, "The clock")
             try:
-                client = Client(repo_path, maintenance=getattr(args, "maintenance", False))
+                client = Client(repo_path, maintenance=getattr(args, "maintenance", False), clock=now)
             except (errors.CatalogDamaged, errors.CatalogMissing, errors.CatalogStale) as exc:
                 if args.command != "verify":
                     raise
-                client = Client(repo_path, maintenance=True)  # verify reports what the lost catalog affects
+                client = Client(repo_path, maintenance=True, clock=now)  # verify reports what the lost catalog affects
                 client.catalog_problem = exc
             code = args.func(args, client)
     except errors.BlocksnapError as exc:
