@@ -209,10 +209,10 @@ def get(name):
 # --- the parameters every ECS action takes (the account model of the cloud; one local owner) ---------------
 def _account_params():
     return [
-        Param("OwnerId", LONG, "the account that owns the resources (one local owner: no effect)", local=NO_EFFECT),
-        Param("OwnerAccount", STRING, "the owner's account name (no effect)", local=NO_EFFECT),
-        Param("ResourceOwnerId", LONG, "the resource owner's account id (no effect)", local=NO_EFFECT),
-        Param("ResourceOwnerAccount", STRING, "the resource owner's account name (no effect)", local=NO_EFFECT),
+        Param("OwnerId", LONG, "the account that owns the resources (one local owner)", local=NO_EFFECT),
+        Param("OwnerAccount", STRING, "the owner's account name", local=NO_EFFECT),
+        Param("ResourceOwnerId", LONG, "the resource owner's account id", local=NO_EFFECT),
+        Param("ResourceOwnerAccount", STRING, "the resource owner's account name", local=NO_EFFECT),
     ]
 
 
@@ -287,8 +287,7 @@ def _delete_snapshot(client, p):
 DELETE_SNAPSHOT = Action("DeleteSnapshot", "Delete a snapshot and give back the data only it referenced.", [
     Param("SnapshotId", STRING, "the snapshot to delete (s-...)", required=True),
     Param("RegionId", STRING, "the repository's region (optional)"),
-    Param("Force", BOOLEAN, "also when a disk was created from it (no disk is created from snapshots here yet: "
-                            "no effect)", local=NO_EFFECT),
+    Param("Force", BOOLEAN, "also when a disk was created from it (no disk is made from a snapshot here yet)", local=NO_EFFECT),
     Param("SnapshotGroupId", STRING, "the snapshot consistency group", local=LATER),
 ] + _account_params(), _delete_snapshot)
 
@@ -337,15 +336,15 @@ DESCRIBE_REGIONS = Action("DescribeRegions", "List the regions: the repository i
                                              "configured).", [
     Param("AcceptLanguage", STRING, "zh-CN, en-US or ja (the local region's name is the same in each)",
           local=NO_EFFECT),
-    Param("InstanceChargeType", STRING, "PrePaid or PostPaid (no billing here: no effect)", local=NO_EFFECT),
-    Param("ResourceType", STRING, "instance, disk, reservedinstance or scu (every type is local: no effect)",
+    Param("InstanceChargeType", STRING, "PrePaid or PostPaid (no billing here)", local=NO_EFFECT),
+    Param("ResourceType", STRING, "instance, disk, reservedinstance or scu (all are local)",
           local=NO_EFFECT),
-    Param("RegionId", STRING, "a region to ask about (no effect: the answer lists the one region)",
+    Param("RegionId", STRING, "a region to ask about (the answer lists the one region)",
           local=NO_EFFECT),
-    Param("ResourceId", STRING, "a resource to ask about (no effect)", local=NO_EFFECT),
-    Param("ExpectedRenewDay", INTEGER, "renewal day (no billing here: no effect)", local=NO_EFFECT),
-    Param("Period", INTEGER, "renewal period (no billing here: no effect)", local=NO_EFFECT),
-    Param("PriceUnit", STRING, "renewal price unit (no billing here: no effect)", local=NO_EFFECT),
+    Param("ResourceId", STRING, "a resource to ask about", local=NO_EFFECT),
+    Param("ExpectedRenewDay", INTEGER, "renewal day (no billing here)", local=NO_EFFECT),
+    Param("Period", INTEGER, "renewal period (no billing here)", local=NO_EFFECT),
+    Param("PriceUnit", STRING, "renewal price unit (no billing here)", local=NO_EFFECT),
 ] + _account_params(), _describe_regions)
 
 
