@@ -256,6 +256,80 @@ class RestoreFailed(BlocksnapError):
     message = "The restore failed."
 
 
+# --- the api-server's protocol: requests, signatures, keys (docs/API.md, "api-server") ----------------------
+class MalformedRequest(InvalidParameter):
+    code = "InvalidRequest.Malformed"
+    message = "The request is not a well-formed HTTP request of this API."
+
+
+class RequestTooLarge(InvalidParameter):
+    code = "RequestEntityTooLarge"
+    http_status = 413
+    message = "The request is larger than this API accepts."
+
+
+class UnsupportedHTTPMethod(InvalidParameter):
+    code = "UnsupportedHTTPMethod"
+    message = "Specified HTTP method is not supported; use GET or POST."
+
+
+class InvalidVersion(InvalidParameter):
+    code = "InvalidVersion"
+    message = "Specified parameter Version is not valid."
+
+
+class SignatureError(BlocksnapError):
+    """The request's signature cannot be checked: a family whose own code is the cloud's for an incomplete one."""
+    code = "IncompleteSignature"
+    http_status = 400
+    exit_code = EXIT_INVALID
+    message = "The request signature does not conform to Aliyun standards."
+
+
+class SignatureDoesNotMatch(SignatureError):
+    code = "SignatureDoesNotMatch"
+    message = "Specified signature is not matched with our calculation."
+
+
+class MissingAccessKeyId(SignatureError):
+    code = "MissingAccessKeyId"
+    message = "AccessKeyId is mandatory for this action."
+
+
+class InvalidTimeStampExpired(SignatureError):
+    code = "InvalidTimeStamp.Expired"
+    message = "Specified time stamp or date value is expired."
+
+
+class InvalidTimeStampFormat(SignatureError):
+    code = "InvalidTimeStamp.Format"
+    message = "Specified time stamp or date value is not well formatted."
+
+
+class SignatureNonceUsed(SignatureError):
+    code = "SignatureNonceUsed"
+    message = "Specified signature nonce was used already."
+
+
+class InvalidAccessKeyIdNotFound(NotFound):
+    code = "InvalidAccessKeyId.NotFound"
+    message = "Specified access key is not found."
+
+
+class Throttling(BlocksnapError):
+    code = "Throttling"
+    http_status = 403
+    exit_code = EXIT_CONFLICT
+    message = "Request was denied due to user flow control."
+
+
+class ApiKeysUnusable(BlocksnapError):
+    code = "ApiKeys.Unusable"
+    http_status = 500
+    exit_code = EXIT_FAILED
+    message = "The API keys file cannot be used."
+
+
 # --- the repository itself --------------------------------------------------------------------------
 class RepositoryError(BlocksnapError):
     code = "Repository.Error"
