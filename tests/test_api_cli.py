@@ -114,6 +114,12 @@ def test_a_failure_prints_the_error_json_on_stderr(repo_path, disk, words, code,
     assert ok(api(repo_path, "DescribeSnapshots"))["TotalCount"] == 0
 
 
+def test_blocksnap_now_that_is_no_time_is_the_error_json(repo_path):
+    """`blocksnap api` reads its clock from BLOCKSNAP_NOW: a value that is no time fails as InvalidParameter."""
+    body = failed(api(repo_path, "DescribeRegions", BLOCKSNAP_NOW="soon"), "InvalidParameter", errors.EXIT_INVALID)
+    assert "BLOCKSNAP_NOW" in body["Message"]
+
+
 def test_a_repository_that_is_not_there_is_the_error_json(tmp_path):
     """`blocksnap api` on a path that holds no repository fails with Repository.NotFound as JSON (exit 6)."""
     failed(api(str(tmp_path / "nowhere"), "DescribeRegions"), "Repository.NotFound", errors.EXIT_REPOSITORY)
