@@ -4,6 +4,7 @@ signed with the SDK's own signing code (alibabacloud_tea_openapi.utils.Utils), n
 sockets for what no client should send. The keys file (blocksnap api-key create) and the api-server command.
 """
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from Tea.exceptions import TeaException
 from blocksnap import clock as clocks
 from blocksnap import errors
 from blocksnap.api import Client
+from blocksnap.cloud import actions
 from blocksnap.cloud import keys as keyfile
 from blocksnap.cloud.server import ApiServer, Nonces, parse_bind
 
@@ -122,6 +124,17 @@ def sdk_error(fn, *args):
 
 
 # --- the official SDK: round trips ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", sorted(actions.ACTIONS))
+def test_the_table_has_every_parameter_the_sdk_sends(name):
+    """Each action of the table has exactly the parameters the official SDK's <action>_with_options can put in a
+    request (read from the SDK's source), so no SDK request is refused for a name the table lacks."""
+    snake = re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+    source = inspect.getsource(getattr(ecs_client.Client, f"{snake}_with_options"))
+    sent = set(re.findall(r"query\['(\w+)'\]", source))
+    assert sent and sent == set(actions.ACTIONS[name].by_name)
+
+
+
 def test_sdk_create_describe_delete_round_trip(srv, disk):
     """CreateSnapshot (name, description, tags, retention), DescribeSnapshots by SnapshotIds and DeleteSnapshot
     through the official SDK: the SDK's response models carry the local snapshot's cloud fields."""
@@ -375,6 +388,7 @@ def test_v1_missing_protocol_parameter(srv, drop, code):
 
 @pytest.mark.parametrize("params,status,code", [
     ({"Action": "DescribeRegions", "Timestamp": "2026-01-02 03:04:05"}, 400, "InvalidTimeStamp.Format"),
+    ({"Action": "DescribeRegions", "SignatureNonce": ""}, 400, "MissingParameter"),
     ({"Action": "DescribeRegions", "SignatureMethod": "HMAC-SHA256"}, 400, "IncompleteSignature"),
     ({"Action": "DescribeRegions", "SecurityToken": "sts"}, 400, "IncompleteSignature"),
     ({"Action": "DescribeRegions", "Version": "2016-03-14"}, 400, "InvalidVersion"),
@@ -383,9 +397,9 @@ def test_v1_missing_protocol_parameter(srv, drop, code):
     ({"Action": "DescribeRegions", "Colour": "red"}, 400, "InvalidParameter"),
 ])
 def test_v1_protocol_errors(srv, params, status, code):
-    """A well-signed v1 request with a malformed timestamp, another signature method, an STS token, another
-    API version, XML output, an action this API does not have or a parameter its action does not have gets the
-    cloud's code for it."""
+    """A well-signed v1 request with a malformed timestamp, an empty nonce, another signature method, an STS
+    token, another API version, XML output, an action this API does not have or a parameter its action does not
+    have gets the cloud's code for it."""
     got, body = v1(srv, params)
     assert (got, body["Code"]) == (status, code)
 

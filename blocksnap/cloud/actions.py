@@ -279,16 +279,12 @@ DESCRIBE_SNAPSHOTS = Action("DescribeSnapshots", "List snapshots, oldest first, 
 
 # --- DeleteSnapshot -----------------------------------------------------------------------------------------
 def _delete_snapshot(client, p):
-    if "RegionId" in p:
-        client.check_region(p["RegionId"])
     return client.delete_snapshot(p["SnapshotId"])
 
 
 DELETE_SNAPSHOT = Action("DeleteSnapshot", "Delete a snapshot and give back the data only it referenced.", [
     Param("SnapshotId", STRING, "the snapshot to delete (s-...)", required=True),
-    Param("RegionId", STRING, "the repository's region (optional)"),
     Param("Force", BOOLEAN, "also when a disk was created from it (no disk is made from a snapshot here yet)", local=NO_EFFECT),
-    Param("SnapshotGroupId", STRING, "the snapshot consistency group", local=LATER),
 ] + _account_params(), _delete_snapshot)
 
 
@@ -300,7 +296,7 @@ def _describe_disks(client, p):
 
 _DISK_FILTERS_LATER = [
     ("ZoneId", STRING, "only disks of this zone"), ("DiskIds", JSON_ARRAY, "only these disks: a JSON array"),
-    ("DiskId", STRING, "only this disk"), ("InstanceId", STRING, "only the disks of this instance"),
+    ("InstanceId", STRING, "only the disks of this instance"),
     ("DiskType", STRING, "all, system or data"), ("Category", STRING, "only disks of this category"),
     ("Status", STRING, "only disks in this status"), ("SnapshotId", STRING, "only disks made from this snapshot"),
     ("Portable", BOOLEAN, "only portable disks"), ("DeleteWithInstance", BOOLEAN, "filter on DeleteWithInstance"),
@@ -311,7 +307,7 @@ _DISK_FILTERS_LATER = [
     ("DiskChargeType", STRING, "PrePaid or PostPaid"), ("DiskName", STRING, "only disks of this name"),
     ("Encrypted", BOOLEAN, "only encrypted disks"), ("KMSKeyId", STRING, "only disks encrypted with this key"),
     ("LockReason", STRING, "only disks locked for this reason"), ("MultiAttach", STRING, "Disabled, Enabled or All"),
-    ("PerformanceLevel", STRING, "only ESSDs of this level"), ("EventId", STRING, "only disks with this event"),
+    ("PerformanceLevel", STRING, "only ESSDs of this level"),
     ("ResourceGroupId", STRING, "only disks of this resource group"),
     ("AdditionalAttributes", REPEAT_LIST, "extra attributes to return"),
     ("PageNumber", INTEGER, "page number, from 1"), ("PageSize", INTEGER, "disks per page, 1-100"),
@@ -339,12 +335,6 @@ DESCRIBE_REGIONS = Action("DescribeRegions", "List the regions: the repository i
     Param("InstanceChargeType", STRING, "PrePaid or PostPaid (no billing here)", local=NO_EFFECT),
     Param("ResourceType", STRING, "instance, disk, reservedinstance or scu (all are local)",
           local=NO_EFFECT),
-    Param("RegionId", STRING, "a region to ask about (the answer lists the one region)",
-          local=NO_EFFECT),
-    Param("ResourceId", STRING, "a resource to ask about", local=NO_EFFECT),
-    Param("ExpectedRenewDay", INTEGER, "renewal day (no billing here)", local=NO_EFFECT),
-    Param("Period", INTEGER, "renewal period (no billing here)", local=NO_EFFECT),
-    Param("PriceUnit", STRING, "renewal price unit (no billing here)", local=NO_EFFECT),
 ] + _account_params(), _describe_regions)
 
 

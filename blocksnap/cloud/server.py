@@ -160,6 +160,8 @@ class Gateway:
         if abs(now - timestamp) > WINDOW:
             raise errors.InvalidTimeStampExpired(f"(the request's time is {abs(now - timestamp):.0f} s off the "
                                                  "server's clock; 15 minutes are allowed)")
+        if not nonce:
+            raise errors.MissingParameter("(an empty nonce)", name="SignatureNonce")
         self.nonces.use(key_id, nonce, timestamp, now)
         return spec.name, self.client.call(spec.name, {k: v for k, v in params.items() if k not in PROTOCOL_PARAMS})
 
