@@ -6,20 +6,30 @@ Tag, ClientToken (idempotency), Category. Responses are dicts shaped like
 the API's JSON (``SnapshotId``, ``RequestId``, DescribeSnapshots'
 ``{"Snapshots": {"Snapshot": [...]}, "TotalCount": N}``). The CLI is a thin
 layer over :class:`Client`.
+
+Two forms of the same operations: the Python methods (``create_snapshot(disk_id, snapshot_name=...)``) and
+the API's own (``client.call("CreateSnapshot", {"DiskId": ...})``, or ``client.CreateSnapshot(DiskId=...)``),
+which take the API's parameter names and types from the action table, blocksnap/cloud/actions.py.
 """
 import json
 import os
+import re
+import threading
 import time
 import unicodedata
 
 from . import backup, errors
+from . import clock as clocks
 from . import image as images
+from .cloud import actions
 from .image import raw
 from .repository import ACCOMPLISHED, DEFAULT_CHUNK_SIZE, Repository, default_repo_path
 
 MAX_TAGS = 20
 CATEGORIES = ("Standard", "Flash")
 STATUSES = ("progressing", "accomplished", "failed", "all")  # DescribeSnapshots' Status filter
+DEFAULT_REGION = "local"  # the one region a repository is, unless BLOCKSNAP_REGION or Client(region=) says
+_REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 _NAME_PUNCT = set(":_.-")
 
 
@@ -178,20 +188,41 @@ def _public(rec, exclusive=None):
     return out
 
 
+def validate_region(region):
+    """A region name: 1-64 lower-case letters, digits and hyphens, starting with a letter or digit.
+
+    Raises:
+        InvalidParameter.
+    """
+    if not isinstance(region, str) or not _REGION_RE.match(region):
+        raise errors.InvalidParameter(f"(a region is 1-64 lower-case letters, digits and -, got {_shown(region)})")
+    return region
+
+
 class Client:
     """The Python API. One Client per repository; methods return cloud-shaped dicts.
 
     Args:
         repo: repository path; default ``$BLOCKSNAP_REPO`` or the per-user default
             (``~/.local/share/blocksnap/repo``), which is created on first use.
+        clock: a callable returning seconds since the epoch, the time this Client takes as now (gc's
+            retention, the api-server's timestamp checks); default the system clock. The CLI passes the
+            clock of ``$BLOCKSNAP_NOW`` (blocksnap/clock.py).
+        region: the RegionId the repository answers to; default ``$BLOCKSNAP_REGION``, else ``local``.
     Raises:
-        InvalidParameter (a path that is not a str or os.PathLike), RepositoryNotFound (an explicit path
-        that is no repository), RepositoryVersionUnsupported.
+        InvalidParameter (a path that is not a str or os.PathLike, a region that is no region name),
+        RepositoryNotFound (an explicit path that is no repository), RepositoryVersionUnsupported.
     """
 
-    def __init__(self, repo=None, maintenance=False):
+    def __init__(self, repo=None, maintenance=False, clock=None, region=None):
         if repo is not None:
             repo = validate_path(repo, "the repository path")
+        if clock is not None and not callable(clock):
+            raise errors.InvalidParameter(f"(clock must be a callable returning seconds, got {_shown(clock)})")
+        self.clock = clock or clocks.system
+        self.region = validate_region(region or os.environ.get("BLOCKSNAP_REGION") or DEFAULT_REGION)
+        self.endpoint = None  # the api-server's address, for DescribeRegions' RegionEndpoint
+        self._delete_lock = threading.Lock()  # one delete at a time reads the repository's last_problems
         path = repo or default_repo_path()
         self.repo = None
         if maintenance:  # repair and upgrade: no usable catalog needed
@@ -284,8 +315,47 @@ class Client:
         return dict(rec, RequestId=request_id())
 
     def describe_disks(self):
+        """DescribeDisks: every registered disk. Returns ``{"Disks": {"Disk": [...]}, "TotalCount",
+        "PageNumber", "PageSize", "RequestId"}`` (one page)."""
         disks = [dict(d, Format=d.get("Format", "raw")) for d in self.repo.list_disks()]
-        return {"Disks": {"Disk": disks}, "TotalCount": len(disks), "RequestId": request_id()}
+        return {"Disks": {"Disk": disks}, "TotalCount": len(disks), "PageNumber": 1, "PageSize": len(disks),
+                "RequestId": request_id()}
+
+    # --- regions and the API's own form ------------------------------------------------------------
+    def check_region(self, region_id):
+        """Raises InvalidRegionIdNotFound unless ``region_id`` is this repository's region."""
+        if region_id != self.region:
+            raise errors.InvalidRegionIdNotFound(f"({_shown(region_id)}: this repository is the region "
+                                                 f"{self.region!r})")
+
+    def describe_regions(self):
+        """DescribeRegions: the one region this repository is."""
+        region = {"RegionId": self.region, "LocalName": self.region, "RegionEndpoint": self.endpoint or "",
+                  "Status": "available"}
+        return {"Regions": {"Region": [region]}, "RequestId": request_id()}
+
+    def call(self, action, params=None):
+        """Run an API action by its name with the API's parameters, as the cloud API takes them.
+
+        Args:
+            action: the action's name (``"CreateSnapshot"``); ``blocksnap api --help`` lists them.
+            params: ``{name: value}`` with the API's names (``{"DiskId": "d-...", "Tag": [{"Key": "k",
+                "Value": "v"}]}``, or flat ``"Tag.1.Key"``); values as Python values or as their text
+                (``"RetentionDays": "7"``, ``"SnapshotIds": '["s-..."]'``).
+        Returns:
+            The API's response dict, ``RequestId`` included.
+        Raises:
+            the action's errors (each a BlocksnapError carrying ``code``, ``http_status``, ``message`` and
+            the failed request's ``request_id``); InvalidActionNotFound, InvalidParameter (a parameter the
+            action does not have, or not built yet), MissingParameter.
+        """
+        try:
+            spec = actions.get(action)
+            return spec.run(self, spec.parse({} if params is None else params))
+        except errors.BlocksnapError as exc:
+            if exc.request_id is None:
+                exc.request_id = request_id()
+            raise
 
     # --- snapshots -----------------------------------------------------------------------------------
     def create_snapshot(self, disk_id, snapshot_name=None, description=None, retention_days=None,
@@ -408,10 +478,12 @@ class Client:
     def delete_snapshot(self, snapshot_id):
         """DeleteSnapshot. Returns ``{"RequestId", "FreedChunks", "ReclaimedBytes"}``, and ``Problems`` when the
         check before removing data found a count that was wrong (that data was kept)."""
-        freed, reclaimed = self.repo.delete_snapshot(snapshot_id)
+        with self._delete_lock:
+            freed, reclaimed = self.repo.delete_snapshot(snapshot_id)
+            problems = self.repo.last_problems
         out = {"RequestId": request_id(), "FreedChunks": freed, "ReclaimedBytes": reclaimed}
-        if self.repo.last_problems:  # the mark kept data a wrong count would have removed
-            out["Problems"] = self.repo.last_problems
+        if problems:  # the mark kept data a wrong count would have removed
+            out["Problems"] = problems
         return out
 
     def restore(self, snapshot_id, output, in_place=False, progress=None, sync=False, on_wait=None, format="raw",
@@ -455,10 +527,12 @@ class Client:
                 records are copied into new packs and the old packs removed whole.
             on_wait: called if gc must first wait for running creates.
             on_readers: called if restores or verifies that started before gc hold data it removes.
-            now: the time gc takes as now (seconds since the epoch), for retention; default the clock.
+            now: the time gc takes as now (seconds since the epoch), for retention; default the Client's clock.
         """
         from .store import gc
 
+        if now is None:
+            now = self.clock()
         if max_unused is not None and (isinstance(max_unused, bool) or not isinstance(max_unused, (int, float))
                                        or not 0 <= max_unused <= 1):
             raise errors.InvalidParameter(f"(max_unused must be a fraction from 0 to 1, got {_shown(max_unused)})")
@@ -502,3 +576,24 @@ class Client:
         from .store import upgrade
 
         return dict(upgrade.upgrade(self.repo, on_wait), RequestId=request_id())
+
+
+def _action_method(spec):
+    """``Client.<Action>(**params)``: ``call(<Action>, params)`` under the action's own name."""
+    def method(self, **params):
+        return self.call(spec.name, params)
+
+    method.__name__ = spec.name
+    method.__qualname__ = f"Client.{spec.name}"
+    lines = [f"{spec.name}: {spec.help}", "", "Keyword arguments are the API's parameters (see Client.call):"]
+    for p in spec.params:
+        flags = ", required" if p.required else ""
+        local = "" if p.local == actions.SUPPORTED else f" [{p.local}]"
+        lines.append(f"    {p.name} ({p.type}{flags}): {p.help}{local}")
+    method.__doc__ = "\n".join(lines)
+    return method
+
+
+for _spec in actions.ACTIONS.values():  # one method per action of the table
+    setattr(Client, _spec.name, _action_method(_spec))
+del _spec

@@ -30,6 +30,7 @@ class BlocksnapError(Exception):
     http_status = 500
     exit_code = EXIT_FAILED
     message = "The request processing has failed due to some unknown error."
+    request_id = None  # the RequestId of the API request that failed (Client.call and the api-server set it)
 
     def __init__(self, detail=None, **fields):
         self.detail = detail
@@ -43,11 +44,13 @@ class BlocksnapError(Exception):
                         if "message" in cls.__dict__ and not _template_fields(cls.__dict__["message"]))
         if detail:
             text = f"{text} {detail}"
+        self.message = text  # the instance's whole message; the class attribute stays the template
         super().__init__(text)
 
     def to_dict(self, request_id=None):
-        """The error as the cloud API's JSON error body."""
+        """The error as the cloud API's JSON error body (with ``request_id``, else the error's own if set)."""
         out = {"Code": self.code, "Message": str(self), "HttpStatus": self.http_status}
+        request_id = request_id or self.request_id
         if request_id:
             out["RequestId"] = request_id
         return out
@@ -133,6 +136,11 @@ class InvalidChunkSize(InvalidParameter):
     message = "The chunk size must be a power of two from 4 KiB to 4 MiB."
 
 
+class MissingParameter(InvalidParameter):
+    code = "MissingParameter"
+    message = 'The input parameter "{name}" that is mandatory for processing this request is not supplied.'
+
+
 # --- missing things (404) ---------------------------------------------------------------------------
 class NotFound(BlocksnapError, LookupError):
     code = "NotFound"
@@ -154,6 +162,16 @@ class InvalidSnapshotIdNotFound(NotFound):
 class ImageNotFound(NotFound):
     code = "InvalidImage.NotFound"
     message = "The image file does not exist."
+
+
+class InvalidActionNotFound(NotFound):
+    code = "InvalidAction.NotFound"
+    message = "Specified api is not found, please check your url and method."
+
+
+class InvalidRegionIdNotFound(NotFound):
+    code = "InvalidRegionId.NotFound"
+    message = "The specified RegionId does not exist."
 
 
 # --- state conflicts (403) --------------------------------------------------------------------------
@@ -261,6 +279,80 @@ class RestoreFailed(BlocksnapError):
     http_status = 500
     exit_code = EXIT_FAILED
     message = "The restore failed."
+
+
+# --- the api-server's protocol: requests, signatures, keys (docs/API.md, "api-server") ----------------------
+class MalformedRequest(InvalidParameter):
+    code = "InvalidRequest.Malformed"
+    message = "The request is not a well-formed HTTP request of this API."
+
+
+class RequestTooLarge(InvalidParameter):
+    code = "RequestEntityTooLarge"
+    http_status = 413
+    message = "The request is larger than this API accepts."
+
+
+class UnsupportedHTTPMethod(InvalidParameter):
+    code = "UnsupportedHTTPMethod"
+    message = "Specified HTTP method is not supported; use GET or POST."
+
+
+class InvalidVersion(InvalidParameter):
+    code = "InvalidVersion"
+    message = "Specified parameter Version is not valid."
+
+
+class SignatureError(BlocksnapError):
+    """The request's signature cannot be checked: a family whose own code is the cloud's for an incomplete one."""
+    code = "IncompleteSignature"
+    http_status = 400
+    exit_code = EXIT_INVALID
+    message = "The request signature does not conform to Aliyun standards."
+
+
+class SignatureDoesNotMatch(SignatureError):
+    code = "SignatureDoesNotMatch"
+    message = "Specified signature is not matched with our calculation."
+
+
+class MissingAccessKeyId(SignatureError):
+    code = "MissingAccessKeyId"
+    message = "AccessKeyId is mandatory for this action."
+
+
+class InvalidTimeStampExpired(SignatureError):
+    code = "InvalidTimeStamp.Expired"
+    message = "Specified time stamp or date value is expired."
+
+
+class InvalidTimeStampFormat(SignatureError):
+    code = "InvalidTimeStamp.Format"
+    message = "Specified time stamp or date value is not well formatted."
+
+
+class SignatureNonceUsed(SignatureError):
+    code = "SignatureNonceUsed"
+    message = "Specified signature nonce was used already."
+
+
+class InvalidAccessKeyIdNotFound(NotFound):
+    code = "InvalidAccessKeyId.NotFound"
+    message = "Specified access key is not found."
+
+
+class Throttling(BlocksnapError):
+    code = "Throttling"
+    http_status = 403
+    exit_code = EXIT_CONFLICT
+    message = "Request was denied due to user flow control."
+
+
+class ApiKeysUnusable(BlocksnapError):
+    code = "ApiKeys.Unusable"
+    http_status = 500
+    exit_code = EXIT_FAILED
+    message = "The API keys file cannot be used."
 
 
 # --- the repository itself --------------------------------------------------------------------------

@@ -12,12 +12,13 @@ MiB = 1 << 20
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path, monkeypatch):
-    """No BLOCKSNAP_* variable leaks in; HOME and XDG_DATA_HOME point into the test's temp dir."""
+    """No BLOCKSNAP_* variable leaks in; HOME, XDG_DATA_HOME and XDG_CONFIG_HOME point into the test's temp dir."""
     for key in list(os.environ):
         if key.startswith("BLOCKSNAP_"):
             monkeypatch.delenv(key)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "home" / "data"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "home" / "config"))
     monkeypatch.chdir(tmp_path)
     yield
     for path in catalogs.open_envs():

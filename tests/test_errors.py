@@ -65,10 +65,10 @@ def test_api_codes_are_unique():
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
 def test_every_class_has_status_exit_code_and_message(cls):
-    """Each class has a dotted-word API code, an HTTP status of 400/403/404/500, a non-zero int exit code
-    and a non-empty message."""
+    """Each class has a dotted-word API code, an HTTP status of 400/403/404/500 (413 for a request body larger
+    than the api-server takes), a non-zero int exit code and a non-empty message."""
     assert isinstance(cls.code, str) and re.fullmatch(r"[A-Za-z_]+(\.[A-Za-z_]+)*", cls.code)
-    assert cls.http_status in {400, 403, 404, 500}
+    assert cls.http_status in {400, 403, 404, 500} or (cls is errors.RequestTooLarge and cls.http_status == 413)
     assert type(cls.exit_code) is int and 1 <= cls.exit_code <= 125
     assert isinstance(cls.message, str) and cls.message.strip()
 

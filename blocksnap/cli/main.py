@@ -1,13 +1,14 @@
 """The blocksnap command: argument parsing, the repository, errors as one line."""
 import argparse
+import json
 import os
 import sys
 import traceback
 
-from .. import __version__, errors, interrupts
+from .. import __version__, clock, errors, interrupts
 from ..api import Client
 from ..repository import default_repo_path
-from . import disk_cmd, repo_cmd, restore_cmd, snapshot_cmd
+from . import api_cmd, disk_cmd, repo_cmd, restore_cmd, server_cmd, snapshot_cmd
 from .output import emit_json
 
 
@@ -29,10 +30,29 @@ def build_parser():
                                      description="Incremental, deduplicated snapshots of VM disk images.")
     parser.add_argument("--version", action="version", version=f"blocksnap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{init,disk,snapshot,restore,verify,gc,repair,upgrade}")
-    for mod in (repo_cmd, disk_cmd, snapshot_cmd, restore_cmd):
+                                metavar="{init,disk,snapshot,restore,verify,gc,repair,upgrade,api,api-key,api-server}")
+    for mod in (repo_cmd, disk_cmd, snapshot_cmd, restore_cmd, api_cmd, server_cmd):
         mod.register(sub, common)
     return parser
+
+
+def _api_form(argv):
+    """``(repo, words)`` if ``argv`` is ``[--repo DIR] [--json] api WORDS...`` (the API's own form, whose
+    ``--Param`` words argparse must not see), else None."""
+    i, repo = 0, None
+    while i < len(argv):
+        word = argv[i]
+        if word == "--json":
+            i += 1
+        elif word == "--repo" and i + 1 < len(argv):
+            repo, i = argv[i + 1], i + 2
+        elif word.startswith("--repo="):
+            repo, i = word[len("--repo="):], i + 1
+        else:
+            break
+    if i < len(argv) and argv[i] == "api":
+        return repo, argv[i + 1:]
+    return None
 
 
 def _fail(exc, as_json):
@@ -52,11 +72,15 @@ def _stdout_gone():
 
 def main(argv=None):
     """Run the CLI; returns (and exits with) the process exit code."""
-    try:
-        args = build_parser().parse_args(argv)
-    except _UsageError as exc:
-        arg_list = sys.argv[1:] if argv is None else argv
-        return _fail(errors.InvalidParameter(f"({exc})"), "--json" in arg_list)
+    arg_list = sys.argv[1:] if argv is None else list(argv)
+    api_form = _api_form(arg_list)
+    if api_form is not None:
+        args = argparse.Namespace(json=False, command="api")
+    else:
+        try:
+            args = build_parser().parse_args(arg_list)
+        except _UsageError as exc:
+            return _fail(errors.InvalidParameter(f"({exc})"), "--json" in arg_list)
     args.json = getattr(args, "json", False)
     explicit = getattr(args, "repo", None)
     repo_path = explicit or os.environ.get("BLOCKSNAP_REPO") or None
@@ -68,15 +92,18 @@ def main(argv=None):
     _native.abort_exit("blocksnap: error: Repository.CatalogDamaged: LMDB stopped on a damaged page of the catalog; "
                        "'blocksnap verify' names what it affects and 'blocksnap repair' rebuilds it from the store.")
     try:
-        if not getattr(args, "needs_client", True):
+        if api_form is not None:
+            code = api_cmd.run(api_form[1], repo=api_form[0])  # prints its own errors, as JSON
+        elif not getattr(args, "needs_client", True):
             code = args.func(args, repo_path or default_repo_path())
         else:
+            now = clock.from_env()  # BLOCKSNAP_NOW: the test clock (docs/API.md, "The clock")
             try:
-                client = Client(repo_path, maintenance=getattr(args, "maintenance", False))
+                client = Client(repo_path, maintenance=getattr(args, "maintenance", False), clock=now)
             except (errors.CatalogDamaged, errors.CatalogMissing, errors.CatalogStale) as exc:
                 if args.command != "verify":
                     raise
-                client = Client(repo_path, maintenance=True)  # verify reports what the lost catalog affects
+                client = Client(repo_path, maintenance=True, clock=now)  # verify reports what the lost catalog affects
                 client.catalog_problem = exc
             code = args.func(args, client)
     except errors.BlocksnapError as exc:
@@ -94,7 +121,12 @@ def main(argv=None):
             traceback.print_exc()
         detail = f"({type(exc).__name__}: {exc}; set BLOCKSNAP_DEBUG=1 for the traceback)"
         try:
-            code = _fail(errors.InternalError(detail), args.json)
+            if api_form is not None:
+                internal = errors.InternalError(detail)
+                print(json.dumps(api_cmd.error_body(internal), ensure_ascii=False), file=sys.stderr)
+                code = internal.exit_code
+            else:
+                code = _fail(errors.InternalError(detail), args.json)
         except BrokenPipeError:
             code = _stdout_gone()
     finally:
