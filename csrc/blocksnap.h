@@ -272,10 +272,11 @@ int bs_guard_abort_exit(const char *message);
  * saying where its guest bytes come from.
  *   BS_EXT_ZERO     reads as zeros; nothing is read (a zero or unallocated cluster, a hole, the part
  *                   of a disk past its backing file's end).
- *   BS_EXT_DATA     length bytes at host_off of fd; bytes past the file's end read as zeros (as QEMU
- *                   reads a qcow2's data file).
- *   BS_EXT_RAW      like DATA, but the file's holes (SEEK_DATA/SEEK_HOLE) are not read, and the
- *                   file must reach host_off+length: a file that shrank is BS_ESHORT (raw images).
+ *   BS_EXT_DATA     length bytes at host_off of fd; the file's holes (SEEK_DATA/SEEK_HOLE) read as
+ *                   zeros without being read, and so do bytes past the file's end (as QEMU reads a
+ *                   qcow2's data clusters).
+ *   BS_EXT_RAW      like DATA, but the file must reach host_off+length: a file that shrank is
+ *                   BS_ESHORT (raw images).
  *   BS_EXT_DEFLATE  one compressed qcow2 cluster: stored_len bytes at host_off (past the file's end:
  *   BS_EXT_ZSTD     zeros) decode to cluster_len bytes, raw deflate (RFC 1951, 4 KiB window) or
  *                   zstd; the extent is bytes [skip, skip+length) of the decoded cluster. Decoding

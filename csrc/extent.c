@@ -95,11 +95,11 @@ static void mark_read(uint8_t *flags, uint64_t start, uint64_t end, uint32_t chu
     memset(flags + first, 0, (size_t)(last - first));
 }
 
-/* A raw file range at window byte wpos: data ranges read, holes (SEEK_HOLE) zeroed without reading
- * and left marked as holes. The file must reach the end of the range (a file that shrank is
- * BS_ESHORT). */
+/* A file range at window byte wpos: data ranges read, holes (SEEK_HOLE) zeroed without reading and
+ * left marked as holes. Without pad the file must reach the end of the range (a raw image that shrank
+ * is BS_ESHORT); with pad what lies past its end reads as zeros (a qcow2's data clusters). */
 static int read_sparse(int fd, uint8_t *dst, uint64_t len, uint64_t off, int *err_out, uint64_t wpos,
-                       uint32_t chunk_size, uint8_t *flags)
+                       uint32_t chunk_size, uint8_t *flags, int pad)
 {
     struct stat st;
     if (fstat(fd, &st) != 0) {
@@ -107,7 +107,7 @@ static int read_sparse(int fd, uint8_t *dst, uint64_t len, uint64_t off, int *er
         return BS_EIO;
     }
     uint64_t end = off + len;
-    if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < end)
+    if (!pad && S_ISREG(st.st_mode) && (uint64_t)st.st_size < end)
         return BS_ESHORT;
     uint64_t pos = off;
     while (pos < end) {
@@ -128,7 +128,8 @@ static int read_sparse(int fd, uint8_t *dst, uint64_t len, uint64_t off, int *er
         if (ds > pos)
             memset(dst + (pos - off), 0, (size_t)(ds - pos));
         if (de > ds) {
-            int rc = bs_read_full(fd, dst + (ds - off), (size_t)(de - ds), ds, err_out);
+            int rc = pad ? read_padded(fd, dst + (ds - off), (size_t)(de - ds), ds, err_out)
+                         : bs_read_full(fd, dst + (ds - off), (size_t)(de - ds), ds, err_out);
             if (rc != BS_OK)
                 return rc;
             mark_read(flags, wpos + (ds - off), wpos + (de - off), chunk_size);
@@ -202,11 +203,9 @@ int bs_fill_extents(bs_xctx *x, const bs_extent *ext, uint32_t n_ext, uint8_t *b
             memset(dst, 0, (size_t)e->length);
             break;
         case BS_EXT_DATA:
-            rc = read_padded(e->fd, dst, (size_t)e->length, e->host_off, err_out);
-            read_any = 1;
-            break;
         case BS_EXT_RAW:
-            rc = read_sparse(e->fd, dst, e->length, e->host_off, err_out, pos, chunk_size, flags_out);
+            rc = read_sparse(e->fd, dst, e->length, e->host_off, err_out, pos, chunk_size, flags_out,
+                             e->kind == BS_EXT_DATA);
             break;
         case BS_EXT_DEFLATE:
         case BS_EXT_ZSTD:

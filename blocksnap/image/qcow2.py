@@ -32,6 +32,7 @@ MIN_CLUSTER_BITS, MAX_CLUSTER_BITS = 9, 21  # block/qcow2.h
 MAX_L1_BYTES = 32 << 20  # QCOW_MAX_L1_SIZE
 MAX_REFTABLE_BYTES = 8 << 20  # QCOW_MAX_REFTABLE_SIZE
 MAX_BACKING_NAME = 1023
+MAX_SNAPSHOTS = 65536  # QCOW_MAX_SNAPSHOTS
 
 INCOMPAT_DIRTY, INCOMPAT_CORRUPT, INCOMPAT_DATA_FILE, INCOMPAT_COMPRESSION, INCOMPAT_EXTL2 = 1, 2, 4, 8, 16
 INCOMPAT_KNOWN = 31
@@ -208,9 +209,13 @@ class Qcow2Image:
             raise _malformed(path, f"the L1 table ({l1_size} entries) is too small for the virtual size {size}")
         self.l1_off = l1_off
         self._check_table(l1_off, l1_size * 8, "the L1 table")
+        if not rt_clusters:
+            raise _malformed(path, "the image has no refcount table")
         if rt_clusters * cs > MAX_REFTABLE_BYTES:
             raise _malformed(path, f"the refcount table ({rt_clusters} clusters) is larger than QEMU allows")
         self._check_table(rt_off, rt_clusters * cs, "the refcount table", past_eof_ok=True)
+        if nb_snapshots > MAX_SNAPSHOTS:
+            raise _malformed(path, f"{nb_snapshots} internal snapshots, more than QEMU allows ({MAX_SNAPSHOTS})")
         if nb_snapshots and snapshots_off % cs:
             raise _malformed(path, "the snapshot table is not cluster aligned")
         # Metadata that data clusters and L2 tables must not overlap: the header cluster, the L1
@@ -224,7 +229,10 @@ class Qcow2Image:
             for e in struct.unpack(f">{len(rt) // 8}Q", rt):
                 if e & OFFSET_MASK:
                     self._meta_clusters.add((e & OFFSET_MASK) >> cluster_bits)
-        exts = self._extensions(head, header_len if version == 3 else 72)
+        ext_end = backing_off if backing_off else cs
+        exts = self._extensions(head, header_len if version == 3 else 72, ext_end)
+        if len(exts.get(EXT_BACKING_FORMAT, b"")) > MAX_BACKING_NAME:
+            raise _malformed(path, "the backing format name is too long")
         if EXT_CRYPTO in exts:
             raise errors.ImageUnsupported(f"({path}: the image carries an encryption header)")
         # The L1 table, and every L2 table it names checked against the metadata.
@@ -297,24 +305,28 @@ class Qcow2Image:
             raise errors.ImageUnsupported(f"({self.path}: the backing/data file {name!r} is not a plain file name)")
         return name if os.path.isabs(name) else os.path.join(os.path.dirname(os.path.abspath(self.path)), name)
 
-    def _extensions(self, head, start):
-        """Header extensions ``{type: data}`` (docs/interop/qcow2.rst, "Header extensions")."""
+    def _extensions(self, head, start, end):
+        """Header extensions ``{type: data}`` in head[start:end) (docs/interop/qcow2.rst, "Header extensions";
+        the area ends at the backing file name or the end of the header cluster, as qcow2_read_extensions
+        reads it: an area without an end marker is complete)."""
         out = {}
         off = start
-        while True:
-            if off + 8 > len(head):
-                raise _malformed(self.path, "the header extensions run past the header cluster")
+        end = min(end, len(head))
+        while off < end:
+            if off + 8 > end:
+                raise _malformed(self.path, "a header extension runs past the extension area")
             typ, length = struct.unpack_from(">II", head, off)
             if typ == EXT_END:
                 return out
-            if off + 8 + length > len(head):
+            if length > end - off - 8:
                 raise _malformed(self.path, f"header extension {typ:#x} is too large")
             out.setdefault(typ, head[off + 8:off + 8 + length])
             off += 8 + (length + 7) // 8 * 8
+        return out
 
     def _feature_names(self, head, header_len, version):
         try:
-            table = self._extensions(head, header_len if version == 3 else 72).get(EXT_FEATURE_TABLE, b"")
+            table = self._extensions(head, header_len if version == 3 else 72, len(head)).get(EXT_FEATURE_TABLE, b"")
         except errors.ImageMalformed:
             return {}
         names = {}
@@ -447,6 +459,10 @@ class Qcow2Image:
         if off % self.cluster_size:
             raise _malformed(self.path, f"guest cluster {c} maps to an unaligned host offset {off}")
         if self.data_fd is not None:
+            # qcow2_get_host_offset: with an external data file, guest and host offsets are the same.
+            if off != c << self.cluster_bits:
+                raise _malformed(self.path, f"guest cluster {c} maps to {off} of the external data file; it "
+                                            f"must map to {c << self.cluster_bits}")
             if off >= self.data_size:
                 raise _malformed(self.path, f"guest cluster {c} maps to {off}, past the end of the data file")
             return
