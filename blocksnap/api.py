@@ -302,7 +302,9 @@ class Client:
         kind, _ = raw.probe(image_path)
         # The whole chain is opened now, so a malformed image or a backing file outside the allowed
         # directories is refused before it is registered. Being in use is checked at each create.
-        with images.open_source(image_path, format, dirs, allow_dirty=True) as src:
+        # Opened by its real path, the one the disk records: relative backing file names and the image's own
+        # directory tree are the real file's, at disk add as at every create.
+        with images.open_source(os.path.realpath(image_path), format, dirs, allow_dirty=True) as src:
             fmt, size = src.format, src.size
         extra = {}
         if fmt != "raw":
@@ -312,7 +314,7 @@ class Client:
         if allow_dirty:
             extra["AllowDirty"] = True
         rec = self.repo.add_disk(image_path, disk_name, kind, size, on_wait=on_wait, extra=extra)
-        return dict(rec, RequestId=request_id())
+        return dict(rec, Format=fmt, RequestId=request_id())
 
     def describe_disks(self):
         """DescribeDisks: every registered disk. Returns ``{"Disks": {"Disk": [...]}, "TotalCount",

@@ -164,14 +164,17 @@ static int decode_cluster(bs_xctx *x, const bs_extent *e, int *err_out)
         ZSTD_DCtx_reset(x->zstd, ZSTD_reset_session_only);
         ZSTD_outBuffer out = {x->cluster, e->cluster_len, 0};
         ZSTD_inBuffer in = {x->stored, e->stored_len, 0};
+        size_t zr = 0;
         while (out.pos < out.size) {
             size_t in0 = in.pos, out0 = out.pos;
-            size_t zr = ZSTD_decompressStream(x->zstd, &out, &in);
+            zr = ZSTD_decompressStream(x->zstd, &out, &in);
             if (ZSTD_isError(zr))
                 return BS_EDATA;
             if (in.pos <= in0 && out.pos <= out0)
                 return BS_EDATA; /* no progress: the input ended before the cluster did */
         }
+        if (zr != 0)
+            return BS_EDATA; /* the frame goes on past the cluster: damage, as QEMU finds it */
     }
     x->last_fd = e->fd;
     x->last_off = e->host_off;

@@ -156,6 +156,7 @@ class Qcow2Image:
         if not MIN_CLUSTER_BITS <= cluster_bits <= MAX_CLUSTER_BITS:
             raise _malformed(path, f"cluster_bits {cluster_bits} is out of range ({MIN_CLUSTER_BITS}..."
                                    f"{MAX_CLUSTER_BITS})")
+        self.version = version
         cs = self.cluster_size = 1 << cluster_bits
         self.cluster_bits = cluster_bits
         incompat = compat = autoclear = 0
@@ -423,6 +424,8 @@ class Qcow2Image:
         off = entry & OFFSET_MASK
         if bitmap is None:
             if entry & OFLAG_ZERO:  # v3 zero cluster, preallocated (ZERO_ALLOC) or not (ZERO_PLAIN)
+                if self.version < 3:  # qcow2_get_host_offset: "Zero cluster entry found in pre-v3 image"
+                    raise _malformed(self.path, f"guest cluster {c} is a zero cluster in a version 2 image")
                 yield lo, hi, ZERO, None
                 return
             if not off and not (self.data_fd is not None and entry & OFLAG_COPIED):
