@@ -23,16 +23,20 @@ static int read_record(int fd, uint8_t *dst, size_t len, uint64_t off, int *deta
     return rc;
 }
 
-/* Read, check and decode one item; *data_out points at its raw bytes (in scratch or raw). */
+/* Read, check and decode one item; *data_out points at its raw bytes: at out when out is given (the
+ * stored bytes are read, or decoded, straight into it), else in scratch or raw. */
 static int load_item(bs_codec *codec, const bs_restore_item *it, uint8_t *scratch, size_t scratch_len,
-                     uint8_t *raw, size_t raw_len, const uint8_t **data_out, int *detail_out)
+                     uint8_t *raw, size_t raw_len, uint8_t *out, const uint8_t **data_out, int *detail_out)
 {
     if (BS_RECORD_SIZE + (size_t)it->stored_len > scratch_len || it->raw_len > raw_len) {
         *detail_out = BS_DAMAGE_INDEX;
         return BS_EDAMAGED;
     }
-    int rc = read_record(it->pack_fd, scratch, BS_RECORD_SIZE + (size_t)it->stored_len, it->pack_offset,
-                         detail_out);
+    int direct = out != NULL && it->codec == BS_CODEC_RAW && it->stored_len == it->raw_len;
+    int rc = read_record(it->pack_fd, scratch, direct ? BS_RECORD_SIZE : BS_RECORD_SIZE + (size_t)it->stored_len,
+                         it->pack_offset, detail_out);
+    if (rc == BS_OK && direct)
+        rc = read_record(it->pack_fd, out, it->stored_len, it->pack_offset + BS_RECORD_SIZE, detail_out);
     if (rc != BS_OK)
         return rc;
     if (memcmp(scratch, BS_RECORD_MAGIC, 4) != 0 || scratch[4] != it->codec || scratch[5] != it->kind ||
@@ -41,13 +45,14 @@ static int load_item(bs_codec *codec, const bs_restore_item *it, uint8_t *scratc
         *detail_out = BS_DAMAGE_HEADER;
         return BS_EDAMAGED;
     }
-    const uint8_t *data = scratch + BS_RECORD_SIZE;
+    const uint8_t *data = direct ? out : scratch + BS_RECORD_SIZE;
     if (it->codec != BS_CODEC_RAW) {
-        if (bs_decode(codec, it->codec, data, it->stored_len, raw, it->raw_len) != BS_OK) {
+        uint8_t *dst = out ? out : raw;
+        if (bs_decode(codec, it->codec, data, it->stored_len, dst, it->raw_len) != BS_OK) {
             *detail_out = BS_DAMAGE_DECODE;
             return BS_EDAMAGED;
         }
-        data = raw;
+        data = dst;
     } else if (it->stored_len != it->raw_len) {
         *detail_out = BS_DAMAGE_HEADER;
         return BS_EDAMAGED;
@@ -58,6 +63,8 @@ static int load_item(bs_codec *codec, const bs_restore_item *it, uint8_t *scratc
         *detail_out = BS_DAMAGE_HASH;
         return BS_EDAMAGED;
     }
+    if (out && data != out)
+        memcpy(out, data, it->raw_len);
     *data_out = data;
     return BS_OK;
 }
@@ -71,7 +78,7 @@ int bs_restore_chunks(bs_codec *codec, const bs_restore_item *items, uint32_t n,
         const bs_restore_item *it = &items[k];
         const uint8_t *data;
         *failed_out = k;
-        int rc = load_item(codec, it, scratch, scratch_len, raw, raw_len, &data, detail_out);
+        int rc = load_item(codec, it, scratch, scratch_len, raw, raw_len, NULL, &data, detail_out);
         if (rc != BS_OK)
             return rc;
         if (out_fd < 0)
@@ -97,10 +104,10 @@ int bs_restore_to_memory(bs_codec *codec, const bs_restore_item *items, uint32_t
             *detail_out = BS_DAMAGE_INDEX;
             return BS_EDAMAGED;
         }
-        int rc = load_item(codec, it, scratch, scratch_len, raw, raw_len, &data, detail_out);
+        int rc = load_item(codec, it, scratch, scratch_len, raw, raw_len, dst + it->out_offset, &data,
+                           detail_out);
         if (rc != BS_OK)
             return rc;
-        memcpy(dst + it->out_offset, data, it->raw_len);
     }
     *failed_out = n;
     return BS_OK;
