@@ -302,13 +302,16 @@ class Client:
         kind, _ = raw.probe(image_path)
         # The whole chain is opened now, so a malformed image or a backing file outside the allowed
         # directories is refused before it is registered. Being in use is checked at each create.
-        # Opened by its real path, the one the disk records: relative backing file names and the image's own
-        # directory tree are the real file's, at disk add as at every create.
-        with images.open_source(os.path.realpath(image_path), format, dirs, allow_dirty=True) as src:
+        # A qcow2 is opened by the path it was registered by, as QEMU opens it: its relative backing file
+        # names resolve next to that path (a symlink's directory, not its target's).
+        given = os.path.abspath(image_path)
+        with images.open_source(given, format, dirs, allow_dirty=True) as src:
             fmt, size = src.format, src.size
         extra = {}
         if fmt != "raw":
             extra["Format"] = fmt
+            if given != os.path.realpath(image_path):
+                extra["ImagePath"] = given
         if dirs:
             extra["BackingDirs"] = dirs
         if allow_dirty:

@@ -180,7 +180,7 @@ class _Create:
     # --- the phases ----------------------------------------------------------------------------------
     def run(self, repo_lock):
         disk = self.repo.get_disk(self.disk_id)
-        with images.open_source(disk["Path"], disk.get("Format", "raw"), disk.get("BackingDirs", ()),
+        with images.open_source(disk.get("ImagePath", disk["Path"]), disk.get("Format", "raw"), disk.get("BackingDirs", ()),
                                 disk.get("AllowDirty", False)) as img:
             self.rec = self._register(img)
             if self.rec.get("_existing"):

@@ -61,7 +61,10 @@ class Policy:
     resolved) or one of ``allowed`` (resolved), and whether a dirty image may be read."""
 
     def __init__(self, top_path, backing_dirs=(), allow_dirty=False):
-        self.roots = [os.path.realpath(os.path.dirname(os.path.abspath(top_path)))]
+        # The image's own tree: the directory of the path it is opened by (where QEMU resolves its relative
+        # backing names) and, for an image opened through a symlink, its real file's directory.
+        own = [os.path.dirname(os.path.abspath(top_path)), os.path.dirname(os.path.realpath(top_path))]
+        self.roots = list(dict.fromkeys(os.path.realpath(d) for d in own))
         self.roots += [os.path.realpath(d) for d in backing_dirs]
         self.allow_dirty = allow_dirty
 

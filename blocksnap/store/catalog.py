@@ -94,7 +94,7 @@ STATUSES = ("progressing", "accomplished", "failed")
 # Fields a disk record holds only where they are not the default (absent: a raw disk, only its own
 # directory tree followed, a dirty qcow2 refused): records written before they existed stay valid.
 DISK_FORMATS = ("raw", "qcow2")
-DISK_OPTIONAL = ("Format", "BackingDirs", "AllowDirty")
+DISK_OPTIONAL = ("Format", "BackingDirs", "AllowDirty", "ImagePath")
 
 
 def disk_object_fields(rec):
@@ -110,6 +110,8 @@ def check_disk_record(rec, what="disk record"):
     dirs = rec.get("BackingDirs", [])
     if not isinstance(dirs, list) or not all(isinstance(d, str) for d in dirs):
         raise errors.CatalogDamaged(f"({what}: field BackingDirs is of the wrong type)")
+    if not isinstance(rec.get("ImagePath", ""), str):
+        raise errors.CatalogDamaged(f"({what}: field ImagePath is of the wrong type)")
     if not isinstance(rec.get("AllowDirty", False), bool):
         raise errors.CatalogDamaged(f"({what}: field AllowDirty is of the wrong type)")
     return rec
