@@ -491,6 +491,48 @@ class Client:
             out["Problems"] = problems
         return out
 
+    def forget(self, disk_id=None, keep_last=0, keep_hourly=0, keep_daily=0, keep_weekly=0, keep_monthly=0,
+               keep_yearly=0, keep_tags=(), dry_run=False):
+        """Delete the accomplished snapshots a keep policy does not keep (restic's ``forget --keep-*``; the rules
+        are blocksnap.retention's), per disk, or of one disk.
+
+        Returns:
+            ``{"Keep": [{"SnapshotId", "SourceDiskId", "CreationTime", "Reasons"}], "Remove": [...], "Removed",
+            "FreedChunks", "ReclaimedBytes", "DryRun", "RequestId"}``; with ``dry_run`` nothing is deleted.
+        Raises:
+            InvalidParameter (a bad count, or no rule at all: that would remove everything),
+            InvalidDiskIdNotFound; what DeleteSnapshot raises.
+        """
+        from . import retention
+
+        policy = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily, "weekly": keep_weekly,
+                  "monthly": keep_monthly, "yearly": keep_yearly}
+        keep_tags = list(keep_tags or ())
+        retention.validate(policy, keep_tags)
+        if disk_id is not None:
+            self.repo.get_disk(disk_id)
+        # The records themselves (with Seq: snapshots made within one second keep their order).
+        snaps = [dict(r, Tags={"Tag": r.get("Tags", [])}) for r in self.repo.list_snapshots(disk_id)]
+        keep, remove = retention.plan(snaps, policy, keep_tags)
+
+        def row(rec, reasons):
+            return {"SnapshotId": rec["SnapshotId"], "SourceDiskId": rec["SourceDiskId"],
+                    "CreationTime": rec["CreationTime"], "Reasons": reasons}
+
+        out = {"Keep": [row(*k) for k in keep], "Remove": [row(*r) for r in remove], "Removed": 0,
+               "FreedChunks": 0, "ReclaimedBytes": 0, "DryRun": bool(dry_run)}
+        if not dry_run:
+            for rec, _ in remove:
+                try:
+                    done = self.delete_snapshot(rec["SnapshotId"])
+                except errors.InvalidSnapshotIdNotFound:
+                    continue  # deleted meanwhile by someone else
+                out["Removed"] += 1
+                out["FreedChunks"] += done["FreedChunks"]
+                out["ReclaimedBytes"] += done["ReclaimedBytes"]
+        out["RequestId"] = request_id()
+        return out
+
     def restore(self, snapshot_id, output, in_place=False, progress=None, sync=False, on_wait=None, format="raw",
                 compress=False):
         """Write a snapshot to ``output`` (see :func:`blocksnap.restore.restore_snapshot`): ``format`` "raw" or
