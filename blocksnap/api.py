@@ -305,7 +305,8 @@ class Client:
         # A qcow2 is opened by the path it was registered by, as QEMU opens it: its relative backing file
         # names resolve next to that path (a symlink's directory, not its target's).
         given = os.path.abspath(image_path)
-        with images.open_source(given, format, dirs, allow_dirty=True) as src:
+        with images.open_source(given, format, dirs, allow_dirty=True, deny=(self.repo.path,)) as src:
+            images.check_mappable(src, self.repo.chunk_size)
             fmt, size = src.format, src.size
         extra = {}
         if fmt != "raw":

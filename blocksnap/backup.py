@@ -181,7 +181,8 @@ class _Create:
     def run(self, repo_lock):
         disk = self.repo.get_disk(self.disk_id)
         with images.open_source(disk.get("ImagePath", disk["Path"]), disk.get("Format", "raw"), disk.get("BackingDirs", ()),
-                                disk.get("AllowDirty", False)) as img:
+                                disk.get("AllowDirty", False), deny=(self.repo.path,)) as img:
+            images.check_mappable(img, self.cs)
             self.rec = self._register(img)
             if self.rec.get("_existing"):
                 del self.rec["_existing"]
@@ -340,6 +341,10 @@ class _Create:
                     ids, flags, changed = scanner.scan_extents(extents, length, buf, parent)
                 except _native.Undecodable as exc:
                     raise images.undecodable(img, extents, exc) from None
+                except OSError as exc:
+                    if exc.filename is None and not isinstance(exc, _native.ShortRead):
+                        exc.filename = images.path_of(img, extents, exc)  # a backing or data file, maybe
+                    raise
                 if not img.unchanged():
                     raise errors.ImageChanged(f"({img.path} changed while it was read)")
                 # Compress the changed chunks here too, in place, still without the GIL.

@@ -310,7 +310,8 @@ void bs_xctx_free(bs_xctx *x);
  * bs_scan_extents: bs_scan for a window that n_ext extents describe: the extents' lengths must add up
  * to length (else BS_EINVAL). The window is filled into buf (chunk i at buf + i*chunk_size), then
  * classified, hashed and compared with parent_ids exactly as bs_scan does; a chunk that lies wholly in
- * ZERO extents and file holes is a HOLE (never read). Outputs as bs_scan. On BS_EIO (*err_out =
+ * ZERO extents and file holes is a HOLE (never read). A host range that wraps past 2^64 is BS_EINVAL.
+ * Outputs as bs_scan. On BS_EIO (*err_out =
  * errno), BS_ESHORT, BS_EDATA (a compressed cluster that does not decode) or BS_EINVAL (a malformed
  * extent) *failed_out is the index of the extent that failed (n_ext when none did) and the outputs must
  * be discarded.

@@ -143,10 +143,12 @@ static int read_sparse(int fd, uint8_t *dst, uint64_t len, uint64_t off, int *er
  * whole cluster was produced; what follows the compressed data in its last sector is ignored). */
 static int decode_cluster(bs_xctx *x, const bs_extent *e, int *err_out)
 {
-    if (x->last_fd == e->fd && x->last_off == e->host_off && x->last_stored == e->stored_len &&
+    if (e->fd >= 0 && x->last_fd == e->fd && x->last_off == e->host_off && x->last_stored == e->stored_len &&
         x->last_len == e->cluster_len && x->last_kind == e->kind)
         return BS_OK;
     x->last_fd = -1;
+    x->last_off = 0;
+    x->last_stored = x->last_len = 0;
     int rc = read_padded(e->fd, x->stored, e->stored_len, e->host_off, err_out);
     if (rc != BS_OK)
         return rc;
@@ -193,12 +195,17 @@ int bs_fill_extents(bs_xctx *x, const bs_extent *ext, uint32_t n_ext, uint8_t *b
         return BS_EINVAL;
     uint64_t n = (length + chunk_size - 1) / chunk_size;
     memset(flags_out, BS_CHUNK_HOLE, (size_t)n);
+    /* The decoded-cluster cache serves extents of this call only: a descriptor number may name another
+     * file by the next call. */
+    x->last_fd = -1;
     uint64_t pos = 0;
     for (uint32_t k = 0; k < n_ext; k++) {
         const bs_extent *e = &ext[k];
         *failed_out = k;
         if (e->length == 0 || e->length > length - pos)
             return BS_EINVAL;
+        if (e->kind != BS_EXT_ZERO && e->host_off > UINT64_MAX - (e->length > e->stored_len ? e->length : e->stored_len))
+            return BS_EINVAL; /* a host range that wraps past 2^64 */
         uint8_t *dst = buf + pos;
         int rc = BS_OK, read_any = 0;
         switch (e->kind) {

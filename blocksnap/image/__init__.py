@@ -23,15 +23,10 @@ import stat
 import struct
 
 from .. import _native, errors
-from . import qcow2
+from . import probe, qcow2
 from .raw import RawImage
 
 FORMATS = ("raw", "qcow2")
-# Header magics of formats that are not read as disks: a file that starts with one is refused at
-# 'disk add' unless it is registered with --format raw (then its bytes are the disk).
-FOREIGN_MAGICS = {b"KDMV": "vmdk", b"# Disk DescriptorFile": "vmdk", b"conectix": "vpc (vhd)",
-                  b"vhdxfile": "vhdx", b"QED\0": "qed", b"LUKS\xba\xbe": "luks", b"<<< Oracle VM VirtualBox": "vdi",
-                  b"QFI\xfb": "qcow2"}
 QEMU_LOCK_WRITE_BYTE = 101  # file-posix.c: RAW_LOCK_PERM_BASE (100) + the bit of BLK_PERM_WRITE
 F_OFD_GETLK = 36  # Linux fcntl.h
 
@@ -47,17 +42,16 @@ def detect_format(path):
     except OSError as exc:
         raise errors.translate(exc, path, op="read-image") from None
     try:
-        head = os.pread(fd, 64, 0)
+        head = os.pread(fd, probe.HEAD_BYTES, 0)
     except OSError as exc:
         if exc.errno == 21:  # EISDIR
             raise errors.ImageUnsupported(f"({path})") from None
         raise errors.translate(exc, path, op="read-image") from None
     finally:
         os.close(fd)
-    for magic, name in FOREIGN_MAGICS.items():
-        if head.startswith(magic) or (name == "vdi" and head[:64].find(magic) >= 0):
-            return name
-    return "raw"
+    # A file that starts with the magic of a format blocksnap does not read is refused at 'disk add' unless it
+    # is registered with --format raw (then its bytes are the disk).
+    return probe.format_of(head)
 
 
 def qemu_writer(fd):
@@ -72,38 +66,28 @@ def qemu_writer(fd):
 
 
 class Qcow2Source:
-    """A qcow2 image with its chain, as a source. Point in time covers every file of the chain."""
+    """A qcow2 image with its chain, as a source. Point in time covers every file of the chain: each file's
+    identity is taken as it is opened, before any of its metadata is read."""
 
     format = "qcow2"
 
-    def __init__(self, path, backing_dirs=(), allow_dirty=False):
+    def __init__(self, path, backing_dirs=(), allow_dirty=False, deny=()):
         self.path = path
-        self.top = qcow2.Qcow2Image(path, qcow2.Policy(path, backing_dirs, allow_dirty))
+        named = _named(path)
+        self.top = qcow2.Qcow2Image(path, qcow2.Policy(path, backing_dirs, allow_dirty, deny))
         try:
             if not allow_dirty and qemu_writer(self.top.fd):
                 raise errors.ImageInUse(f"({path}: a QEMU process holds it open for writing)")
             self.fd = self.top.fd
             self.size = self.top.size
             self.kind = self.top.kind
-            self._identity = self.identity()
+            self._identity = tuple(ident for _, _, ident in self.top.files()) + (named,)
         except BaseException:
             self.top.close()
             raise
 
     def identity(self):
-        out = []
-        for path, fd in self.top.files():
-            st = os.fstat(fd)
-            if stat.S_ISBLK(st.st_mode):
-                out.append((st.st_rdev, os.lseek(fd, 0, os.SEEK_END)))
-                continue
-            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-        try:
-            named = os.stat(self.path)
-            out.append((named.st_dev, named.st_ino))
-        except OSError:
-            out.append(None)
-        return tuple(out)
+        return tuple(qcow2.file_identity(fd) for _, fd, _ in self.top.files()) + (_named(self.path),)
 
     def unchanged(self):
         return self.identity() == self._identity
@@ -115,7 +99,8 @@ class Qcow2Source:
         return self.top.data_ranges(start, end)
 
     def files(self):
-        return [p for p, _ in self.top.files()]
+        """``(path, fd)`` of every file the source reads."""
+        return [(p, fd) for p, fd, _ in self.top.files()]
 
     def close(self):
         self.top.close()
@@ -127,13 +112,23 @@ class Qcow2Source:
         self.close()
 
 
-def open_source(path, fmt="auto", backing_dirs=(), allow_dirty=False):
+def _named(path):
+    """Which file the path names (an image replaced by ``mv`` while it is read counts as changed)."""
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return None
+
+
+def open_source(path, fmt="auto", backing_dirs=(), allow_dirty=False, deny=()):
     """Open an image as a source of its guest view.
 
     Args:
         fmt: "raw", "qcow2", or "auto" (from the header; formats blocksnap does not read are refused).
         backing_dirs: directories outside the image's own tree that backing and data files may be in.
         allow_dirty: read a qcow2 whose dirty bit is set or that a QEMU process holds open for writing.
+        deny: directories no backing or data file may be in, whatever else allows it (the repository).
     Raises:
         ImageNotFound, ImageUnreadable, ImageUnsupported, ImageMalformed, ImageInUse, BackingFileDenied,
         ImageFormatChanged (fmt "qcow2" and the header is not).
@@ -148,7 +143,7 @@ def open_source(path, fmt="auto", backing_dirs=(), allow_dirty=False):
     if fmt == "qcow2":
         if detect_format(path) != "qcow2":
             raise errors.ImageFormatChanged(f"({path} was registered as qcow2 and has no qcow2 header now)")
-        return Qcow2Source(path, backing_dirs, allow_dirty)
+        return Qcow2Source(path, backing_dirs, allow_dirty, deny)
     raise errors.InvalidParameter(f"(format {fmt!r}: one of auto, {', '.join(FORMATS)})")
 
 
@@ -172,13 +167,43 @@ def read_guest(path, offset=0, length=None, **open_kw):
                 scanner.scan_extents(ext, n, buf)
             except _native.Undecodable as exc:
                 raise undecodable(src, ext, exc) from None
+            except _native.ShortRead:
+                raise errors.ImageChanged(f"({path} shrank while it was read)") from None
+            except OSError as exc:
+                raise errors.translate(OSError(exc.errno, exc.strerror, path_of(src, ext, exc)),
+                                       op="read-image") from None
             out += buf[:n]
             pos += n
         return bytes(out)
 
 
+# A disk is mapped a chunk at a time (16 bytes of id per chunk, in segments): past this many chunks the map
+# of one snapshot no longer fits a create's memory. A qcow2 header may claim up to 2 EiB in a small file.
+MAX_CHUNKS = 1 << 28
+
+
+def check_mappable(src, chunk_size):
+    """Raise ImageUnsupported when the disk is larger than a repository of ``chunk_size`` chunks maps."""
+    if -(-src.size // chunk_size) > MAX_CHUNKS:
+        raise errors.ImageUnsupported(f"({src.path}: a disk of {src.size} bytes is more than {MAX_CHUNKS} chunks of "
+                                      f"{chunk_size} bytes; a repository with larger chunks maps up to "
+                                      f"{MAX_CHUNKS} of them)")
+
+
+def path_of(src, extents, exc):
+    """The file an extent that failed reads from (a backing or data file, or the image itself)."""
+    index = getattr(exc, "extent", getattr(exc, "index", None))
+    if index is None or index >= len(extents):
+        return src.path
+    fd = extents[index][2]
+    for path, f in (src.files() if hasattr(src, "files") else []):
+        if f == fd:
+            return path
+    return src.path
+
+
 def undecodable(src, extents, exc):
-    """ImageMalformed for a compressed cluster the C core could not decode."""
+    """ImageMalformed for a compressed cluster the C core could not decode, naming the file it is in."""
     e = extents[exc.index]
-    return errors.ImageMalformed(f"({src.path}: the compressed cluster at host offset {e[1]} ({e[4]} bytes) "
-                                 "does not decode to a whole cluster)")
+    return errors.ImageMalformed(f"({path_of(src, extents, exc)}: the compressed cluster at host offset {e[1]} "
+                                 f"({e[4]} bytes) does not decode to a whole cluster)")

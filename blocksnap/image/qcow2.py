@@ -4,7 +4,7 @@ The format is QEMU's ``docs/interop/qcow2.rst``; where the spec leaves a choice 
 module does what QEMU's ``block/qcow2.c`` (``qcow2_do_open``), ``block/qcow2-cluster.c``
 (``qcow2_get_host_offset``, ``qcow2_get_subcluster_type``) and ``block/qcow2-threads.c`` (the
 decompressors) do, and says so where it matters. Only metadata is read here (header, extensions, L1
-and L2 tables, the refcount table for the overlap checks); guest data is read and decoded by the C
+and L2 tables); guest data is read and decoded by the C
 core from the extents this module hands out (``bs_scan_extents``).
 
 Refused (typed errors, never a guess): versions other than 2 and 3, unknown incompatible feature bits,
@@ -19,12 +19,16 @@ then. Data clusters that end past the end of the file read zeros there, as QEMU 
 Backing files and external data files are opened only inside the allowed directories (``Policy``):
 an image from a stranger must not make blocksnap read ``/etc/shadow``.
 """
+import array
+import bisect
 import os
 import stat
 import struct
+import sys
 import threading
 
 from .. import _native, errors
+from . import probe
 
 MAGIC = b"QFI\xfb"
 MAX_CHAIN = 16  # backing files below the top image
@@ -60,21 +64,35 @@ class Policy:
     """Where backing and data files may be opened: inside ``root`` (the top image's own directory,
     resolved) or one of ``allowed`` (resolved), and whether a dirty image may be read."""
 
-    def __init__(self, top_path, backing_dirs=(), allow_dirty=False):
+    def __init__(self, top_path, backing_dirs=(), allow_dirty=False, deny=()):
         # The image's own tree: the directory of the path it is opened by (where QEMU resolves its relative
-        # backing names) and, for an image opened through a symlink, its real file's directory.
-        own = [os.path.dirname(os.path.abspath(top_path)), os.path.dirname(os.path.realpath(top_path))]
+        # backing names) and, for an image opened through a symlink, its real file's directory. A block
+        # device has none: its directory is /dev, and every other disk of the host is in it.
+        try:
+            block = stat.S_ISBLK(os.stat(top_path).st_mode)
+        except OSError:
+            block = False
+        own = [] if block else [os.path.dirname(os.path.abspath(top_path)), os.path.dirname(os.path.realpath(top_path))]
         self.roots = list(dict.fromkeys(os.path.realpath(d) for d in own))
         self.roots += [os.path.realpath(d) for d in backing_dirs]
+        self.deny = [os.path.realpath(d) for d in deny]  # the repository: its packs are other disks' data
         self.allow_dirty = allow_dirty
+
+    @staticmethod
+    def _inside(real, root):
+        return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
 
     def check(self, path, what, image):
         real = os.path.realpath(path)
+        for root in self.deny:
+            if self._inside(real, root):
+                raise errors.BackingFileDenied(f"({image}: {what} {path!s} resolves to {real}, inside the "
+                                               "repository)")
         for root in self.roots:
-            if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            if self._inside(real, root):
                 return real
-        raise errors.BackingFileDenied(f"({image}: {what} {path!s} resolves to {real}, outside "
-                                       f"{', '.join(self.roots)})")
+        where = ", ".join(self.roots) if self.roots else "no directory (the image is a block device: name one with --backing-dir)"
+        raise errors.BackingFileDenied(f"({image}: {what} {path!s} resolves to {real}, outside {where})")
 
 
 def _malformed(path, why):
@@ -120,6 +138,9 @@ class Qcow2Image:
             if self.fd is None:
                 self.fd = _open_ro(path)
             st = os.fstat(self.fd)
+            # What must not change while the disk is read, taken before a byte of metadata is read: a
+            # write between the tables and the data would otherwise go unseen.
+            self.ident = file_identity(self.fd)
             self.kind = "block" if stat.S_ISBLK(st.st_mode) else "file"
             self.file_size = os.lseek(self.fd, 0, os.SEEK_END) if self.kind == "block" else st.st_size
             seen = set() if seen is None else seen
@@ -222,17 +243,11 @@ class Qcow2Image:
             raise _malformed(path, f"{nb_snapshots} internal snapshots, more than QEMU allows ({MAX_SNAPSHOTS})")
         if nb_snapshots and snapshots_off % cs:
             raise _malformed(path, "the snapshot table is not cluster aligned")
-        # Metadata that data clusters and L2 tables must not overlap: the header cluster, the L1
-        # table, the refcount table and its blocks.
+        # Metadata that data clusters and L2 tables must not overlap: the header cluster, the L1 table, the
+        # refcount table. (Refcount blocks are not read: a reader does not need them, and an 8 MiB refcount
+        # table would cost a set of a million offsets to check against.)
         self._meta = [(0, cs, "the header"), (l1_off, l1_off + l1_size * 8, "the L1 table"),
                       (rt_off, rt_off + rt_clusters * cs, "the refcount table")]
-        self._meta_clusters = set()
-        if rt_clusters:
-            rt_bytes = min(rt_clusters * cs, max(0, self.file_size - rt_off))
-            rt = self._read(rt_off, rt_bytes - rt_bytes % 8, "the refcount table") if rt_bytes >= 8 else b""
-            for e in struct.unpack(f">{len(rt) // 8}Q", rt):
-                if e & OFFSET_MASK:
-                    self._meta_clusters.add((e & OFFSET_MASK) >> cluster_bits)
         ext_end = backing_off if backing_off else cs
         exts = self._extensions(head, header_len if version == 3 else 72, ext_end)
         if len(exts.get(EXT_BACKING_FORMAT, b"")) > MAX_BACKING_NAME:
@@ -240,10 +255,13 @@ class Qcow2Image:
         if EXT_CRYPTO in exts:
             raise errors.ImageUnsupported(f"({path}: the image carries an encryption header)")
         # The L1 table, and every L2 table it names checked against the metadata.
-        raw_l1 = self._read(l1_off, l1_size * 8, "the L1 table") if l1_size else b""
-        self.l1 = struct.unpack(f">{l1_size}Q", raw_l1)
-        self._l2_tables = set()
-        for i, e in enumerate(self.l1[:need]):
+        raw_l1 = self._read(l1_off, need * 8, "the L1 table") if need else b""
+        # Only the entries the virtual size reaches are used (the rest map VM state): an array, 8 bytes each.
+        self.l1 = array.array("Q", raw_l1)
+        if sys.byteorder == "little":
+            self.l1.byteswap()
+        l2_offsets = []
+        for i, e in _nonzero_entries(raw_l1):
             off = e & OFFSET_MASK
             if not off:
                 continue
@@ -253,7 +271,10 @@ class Qcow2Image:
                 raise _malformed(path, f"L1 entry {i} names an L2 table at {off}, past the end of the file "
                                        f"({self.file_size} bytes)")
             self._check_overlap(off, f"the L2 table of L1 entry {i}")
-            self._l2_tables.add(off >> cluster_bits)
+            l2_offsets.append(off >> cluster_bits)
+        l2_offsets.sort()
+        self._l2_tables = array.array("Q", l2_offsets)
+        del l2_offsets
         # The external data file (guest data at the same offsets of a raw file).
         if incompat & INCOMPAT_DATA_FILE:
             name = exts.get(EXT_DATA_FILE)
@@ -261,10 +282,12 @@ class Qcow2Image:
                 raise errors.ImageUnsupported(f"({path}: the external data file is not named in the image)")
             data_path = self._relative(name)
             real = policy.check(data_path, "the external data file", path)
+            _check_kind(real, f"{path}: its data file {data_path}")
             try:
                 self.data_fd = _open_ro(real)
             except errors.ImageNotFound:
                 raise errors.ImageNotFound(f"({path}: its data file {data_path} does not exist)") from None
+            self.data_ident = file_identity(self.data_fd)
             st = os.fstat(self.data_fd)
             self.data_size = os.lseek(self.data_fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
         elif autoclear & AUTOCLEAR_DATA_FILE_RAW:
@@ -297,8 +320,6 @@ class Qcow2Image:
         for s, e, name in self._meta:
             if off < e and s < end:
                 raise _malformed(self.path, f"{what} at {off} overlaps {name}")
-        if (off >> self.cluster_bits) in self._meta_clusters:
-            raise _malformed(self.path, f"{what} at {off} overlaps a refcount block")
 
     def _relative(self, name):
         """A backing or data file name as QEMU resolves it: relative names from the image's directory."""
@@ -416,7 +437,9 @@ class Qcow2Image:
             shift = 62 - (self.cluster_bits - 8)
             host = entry & ((1 << shift) - 1)
             sectors = ((entry >> shift) & ((1 << (self.cluster_bits - 8)) - 1)) + 1
-            stored = sectors * 512 - (host & 511)
+            # QEMU reads this many bytes and stops decoding when the cluster is full; a count larger than a
+            # compressed cluster can be (one cluster and a sector) reads nothing more that matters.
+            stored = min(sectors * 512 - (host & 511), _native.EXT_MAX_STORED, self.cluster_size + 4096)
             if host >= self.file_size:
                 raise _malformed(self.path, f"the compressed data of guest cluster {c} starts at {host}, past the "
                                             f"end of the file ({self.file_size} bytes)")
@@ -478,10 +501,8 @@ class Qcow2Image:
         if off < self.cluster_size:
             raise _malformed(self.path, f"guest cluster {c} maps to the header")
         cl = off >> self.cluster_bits
-        if cl in self._l2_tables:
+        if _member(self._l2_tables, cl):
             raise _malformed(self.path, f"guest cluster {c} maps to an L2 table at {off}")
-        if cl in self._meta_clusters:
-            raise _malformed(self.path, f"guest cluster {c} maps to a refcount block at {off}")
         for s, e, name in self._meta[1:]:
             if off < e and s < off + self.cluster_size:
                 raise _malformed(self.path, f"guest cluster {c} maps to {name} at {off}")
@@ -531,10 +552,10 @@ class Qcow2Image:
 
     # --- point in time --------------------------------------------------------------------------------
     def files(self):
-        """Every open file of the chain: ``(path, fd)``."""
-        out = [(self.path, self.fd)]
+        """Every open file of the chain: ``(path, fd, identity when opened)``."""
+        out = [(self.path, self.fd, self.ident)]
         if self.data_fd is not None:
-            out.append((self.path + " (data file)", self.data_fd))
+            out.append((self.path + " (data file)", self.data_fd, self.data_ident))
         if self.backing is not None:
             out += self.backing.files()
         return out
@@ -566,6 +587,7 @@ class RawBacking:
     def __init__(self, path, fd):
         self.path = path
         self.fd = fd
+        self.ident = file_identity(fd)
         st = os.fstat(fd)
         self.size = os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
 
@@ -578,12 +600,52 @@ class RawBacking:
         return seek_data_ranges(self.fd, start, end)
 
     def files(self):
-        return [(self.path, self.fd)]
+        return [(self.path, self.fd, self.ident)]
 
     def close(self):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def file_identity(fd):
+    """What must not change while a file is read: for a file its inode, size, mtime and ctime; for a block
+    device its number and size."""
+    st = os.fstat(fd)
+    if stat.S_ISBLK(st.st_mode):
+        return (st.st_rdev, os.lseek(fd, 0, os.SEEK_END))
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _check_kind(real, what):
+    """A backing or data file must be a regular file or a block device: refused before it is opened (opening
+    some character devices has effects of its own)."""
+    try:
+        st = os.stat(real)
+    except FileNotFoundError:
+        return  # the open says so
+    except OSError as exc:
+        raise errors.translate(exc, real, op="read-image") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise errors.ImageUnsupported(f"({what} is not a regular file or block device)")
+
+
+def _nonzero_entries(raw):
+    """``(index, value)`` of the big-endian 8-byte entries of ``raw`` that are not zero, in order (the C core
+    finds them)."""
+    raw = raw[:len(raw) // 8 * 8]
+    padded = raw if len(raw) % 16 == 0 else raw + bytes(8)
+    for p in _native.nonzero_ids(padded):
+        for k in (2 * p, 2 * p + 1):
+            if 8 * k < len(raw):
+                e = struct.unpack_from(">Q", raw, 8 * k)[0]
+                if e:
+                    yield k, e
+
+
+def _member(arr, value):
+    i = bisect.bisect_left(arr, value)
+    return i < len(arr) and arr[i] == value
 
 
 def _open_ro(path):
@@ -594,7 +656,9 @@ def _open_ro(path):
 
 
 def _open_backing(real, shown, fmt, policy, depth, seen, top):
-    """Open a backing file as the format its image names (probing the header when it names none)."""
+    """Open a backing file as the format its image names (probing the header, as QEMU does, when it names none:
+    formats blocksnap does not read are refused, never read as raw)."""
+    _check_kind(real, f"{top}: its backing file {shown}")
     try:
         fd = _open_ro(real)
     except errors.ImageNotFound:
@@ -604,7 +668,10 @@ def _open_backing(real, shown, fmt, policy, depth, seen, top):
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise errors.ImageUnsupported(f"({top}: its backing file {shown} is not a file or block device)")
         if fmt is None:
-            fmt = "qcow2" if os.pread(fd, 4, 0) == MAGIC else "raw"
+            try:
+                fmt = probe.format_of(os.pread(fd, probe.HEAD_BYTES, 0))
+            except OSError as exc:
+                raise errors.translate(exc, shown, op="read-image") from None
         if fmt == "qcow2":
             return Qcow2Image(shown, policy, depth, seen, fd=fd)
         if fmt == "raw":

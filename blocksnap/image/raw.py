@@ -90,6 +90,10 @@ class RawImage:
     def data_ranges(self, start=0, end=None):
         return seek_data_ranges(self.fd, start, self.size if end is None else end)
 
+    def files(self):
+        """``(path, fd)`` of the one file this source reads."""
+        return [(self.path, self.fd)]
+
     def close(self):
         if self.fd is not None:
             os.close(self.fd)

@@ -23,6 +23,18 @@ ZSTD_LEVEL = 3
 INCOMPRESSIBLE_MILLIBITS = 7900  # clusters that sample as random are stored as they are
 
 
+def _pwrite_all(fd, data, offset):
+    """Write all of ``data`` at ``offset``: a short write (a full disk part way, FUSE, NFS) goes on from where it
+    stopped, and one that writes nothing is ENOSPC; never a cluster left half written."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(28, os.strerror(28))  # ENOSPC
+        view = view[n:]
+        offset += n
+
+
 class RawSink:
     def __init__(self, fd, fresh):
         self.fd = fd
@@ -83,7 +95,7 @@ class Qcow2Sink:
                 a, b = run[0] * ccs, min(length, (run[-1] + 1) * ccs)
                 with self._lock:
                     host = self.writer.place(guest + a, len(run) * ccs)
-                os.pwrite(self.fd, view[base + a:base + b], host)
+                _pwrite_all(self.fd, view[base + a:base + b], host)
                 run = [c] if c is not None else []
 
     def _write_compressed(self, view, base, guest, length, clusters):
@@ -101,11 +113,11 @@ class Qcow2Sink:
             if kind == _native.CODEC_ZSTD and n < ccs:
                 with self._lock:
                     host = self.writer.place_compressed(guest + off, n)
-                os.pwrite(self.fd, chunk[off:off + n], host)
+                _pwrite_all(self.fd, chunk[off:off + n], host)
             else:
                 with self._lock:
                     host = self.writer.place(guest + off, ccs)
-                os.pwrite(self.fd, chunk[off:min(length, off + ccs)], host)
+                _pwrite_all(self.fd, chunk[off:min(length, off + ccs)], host)
 
     def finish(self):
         self.writer.finish()
