@@ -318,3 +318,25 @@ def test_a_claim_whose_creator_died_before_recording_is_taken_over_and_cleared_b
     client.gc()
     with client.repo.catalog.read() as txn:
         assert sorted(t for t, _ in txn.tokens()) == ["t-dead"]
+
+
+def test_the_same_token_from_many_clients_at_once_makes_one_snapshot_and_no_busy_disk_error(client, disk):
+    """Eight threads send the same CreateSnapshot with one ClientToken at the same moment: one snapshot is made,
+    every other answer is its SnapshotId or IdempotentProcessing, never IncorrectDiskStatus.CreatingSnapshot."""
+    start, answers = threading.Barrier(8), []
+
+    def send():
+        start.wait(30)
+        try:
+            answers.append(client.call("CreateSnapshot", {"DiskId": disk, "ClientToken": "t-many"})["SnapshotId"])
+        except errors.BlocksnapError as exc:
+            answers.append(exc.code)
+
+    threads = [threading.Thread(target=send) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    [snap] = client.describe_snapshots(sizes=False)["Snapshots"]["Snapshot"]
+    assert len(answers) == 8 and set(answers) <= {snap["SnapshotId"], "IdempotentProcessing"}, answers
+    assert snap["SnapshotId"] in answers
