@@ -18,16 +18,17 @@ import threading
 import time
 import unicodedata
 
-from . import backup, errors
+from . import backup, describe, errors
 from . import clock as clocks
 from . import image as images
 from .cloud import actions
 from .image import raw
-from .repository import ACCOMPLISHED, DEFAULT_CHUNK_SIZE, Repository, default_repo_path
+from .repository import ACCOMPLISHED, DEFAULT_CHUNK_SIZE, PROGRESSING, Repository, default_repo_path
 
 MAX_TAGS = 20
 CATEGORIES = ("Standard", "Flash")
-STATUSES = ("progressing", "accomplished", "failed", "all")  # DescribeSnapshots' Status filter
+STATUSES = describe.STATUSES  # DescribeSnapshots' Status filter
+INSTANT_ACCESS_DAYS = (1, 65535)
 DEFAULT_REGION = "local"  # the one region a repository is, unless BLOCKSNAP_REGION or Client(region=) says
 _REGION_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 _NAME_PUNCT = set(":_.-")
@@ -175,16 +176,99 @@ def validate_tags(tags):
     return out
 
 
-def _public(rec, exclusive=None):
-    """A snapshot record as DescribeSnapshots shows it."""
-    out = {k: v for k, v in rec.items() if k not in ("Seq", "Pid", "ClientToken", "ParamsHash")}
-    out.setdefault("SnapshotName", "")
-    out.setdefault("Description", "")
-    out.setdefault("Category", "Standard")  # CreateSnapshot's default when none was given
+def validate_instant_access(instant_access, days, category):
+    """InstantAccess (a bool) and InstantAccessRetentionDays (1-65535, only with InstantAccess true); neither
+    goes with Category. Returns the record fields they make.
+
+    Raises:
+        InvalidParameter (InstantAccess not a bool), InvalidCategoryAndInstantAccessMalformed,
+        InvalidInstantAccessRetentionDaysMalformed.
+    """
+    if instant_access is not None and not isinstance(instant_access, bool):
+        raise errors.InvalidParameter(f"(InstantAccess must be true or false, got {_shown(instant_access)})")
+    if category is not None and instant_access is not None:
+        raise errors.InvalidCategoryAndInstantAccessMalformed()
+    if days is not None:
+        if isinstance(days, bool) or not isinstance(days, int):
+            text = str(days).strip()
+            if not (text.isascii() and text.isdigit()):
+                raise errors.InvalidInstantAccessRetentionDaysMalformed(f"({_shown(days)} is not a whole number)")
+            days = int(text)
+        lo, hi = INSTANT_ACCESS_DAYS
+        if not lo <= days <= hi:
+            raise errors.InvalidInstantAccessRetentionDaysMalformed(f"({days} is outside {lo} to {hi})")
+        if instant_access is not True:
+            raise errors.InvalidInstantAccessRetentionDaysMalformed("(it applies only with InstantAccess=true)")
+    if not instant_access:
+        return {}
+    return {"InstantAccess": True, **({"InstantAccessRetentionDays": days} if days is not None else {})}
+
+
+# What DescribeSnapshots shows for a field a record does not set: what the cloud's responses show for it.
+SNAPSHOT_DEFAULTS = {
+    "SnapshotName": "", "Description": "", "Category": "Standard", "RetentionDays": 0, "ExpiredTime": "",
+    "RemainTime": 0, "SnapshotType": "user", "Usage": "none", "InstantAccess": False,
+    "InstantAccessRetentionDays": 0, "Encrypted": False, "KMSKeyId": "", "ProductCode": "", "SnapshotSN": "",
+    "SnapshotLinkId": "", "SourceRegionId": "", "SourceSnapshotId": "", "SourceStorageType": "disk",
+    "LogicalBytes": 0, "ChangedBytes": 0, "ChangedChunks": 0, "AddedBytes": 0, "AddedChunks": 0,
+}
+_HIDDEN = ("Seq", "Pid", "ClientToken", "ParamsHash", "Deleting")
+
+
+def _remain_time(rec, now):
+    """Seconds a progressing create still needs, from its progress so far (0 once it ended)."""
+    if rec["Status"] != PROGRESSING:
+        return 0
+    try:
+        done = int(rec["Progress"].rstrip("%"))
+        import calendar
+
+        started = calendar.timegm(time.strptime(rec["CreationTime"], "%Y-%m-%dT%H:%M:%SZ"))
+    except (ValueError, AttributeError):
+        return 0
+    if done <= 0:
+        return 0
+    return max(0, int((now - started) * (100 - done) / done))
+
+
+def _public(rec, exclusive=None, region=DEFAULT_REGION, default_group="", now=None):
+    """A snapshot record as DescribeSnapshots shows it: every cloud field, the unset ones as the cloud shows
+    them, and the core's sizes."""
+    out = {k: v for k, v in rec.items() if k not in _HIDDEN}
+    for key, value in SNAPSHOT_DEFAULTS.items():
+        out.setdefault(key, value)
+    accomplished = rec["Status"] == ACCOMPLISHED
     out["Tags"] = {"Tag": rec.get("Tags", [])}
-    out["Available"] = rec["Status"] == ACCOMPLISHED
+    out["Available"] = accomplished  # restorable now: every accomplished local snapshot is (instant access)
+    out["ResourceGroupId"] = rec.get("ResourceGroupId") or default_group
+    out["RegionId"] = region
+    out["RemainTime"] = _remain_time(rec, time.time() if now is None else now)
+    out["FullSnapshotSizeInBytes"] = rec.get("LogicalBytes", 0) if accomplished else 0
     if exclusive is not None:
         out["ExclusiveBytes"] = exclusive
+    return out
+
+
+DISK_DEFAULTS = {
+    "Description": "", "Status": describe.DISK_STATUS, "Category": "", "Encrypted": False, "KMSKeyId": "",
+    "Portable": False, "DeleteWithInstance": False, "DeleteAutoSnapshot": False, "EnableAutoSnapshot": False,
+    "EnableAutomatedSnapshotPolicy": False, "AutoSnapshotPolicyId": "", "InstanceId": "", "Device": "",
+    "ZoneId": "", "SourceSnapshotId": "", "ImageId": "", "DiskChargeType": "PostPaid", "ExpiredTime": "",
+    "AttachedTime": "", "DetachedTime": "", "MultiAttach": "Disabled", "ProductCode": "", "SerialNumber": "",
+}
+
+
+def _public_disk(rec, region=DEFAULT_REGION, default_group=""):
+    """A disk record as DescribeDisks shows it: the cloud's fields (a local image is an unattached data disk
+    in the default zone) beside the local ones (Path, Type file/block, Size in bytes, Format)."""
+    out = {k: v for k, v in rec.items() if k != "Seq"}
+    for key, value in DISK_DEFAULTS.items():
+        out.setdefault(key, value)
+    out["Format"] = rec.get("Format", "raw")
+    out["RegionId"] = region
+    out["ResourceGroupId"] = rec.get("ResourceGroupId") or default_group
+    out["OperationLocks"] = {"OperationLock": rec.get("OperationLocks", [])}
+    out["Tags"] = {"Tag": rec.get("Tags", [])}
     return out
 
 
@@ -318,14 +402,90 @@ class Client:
         if allow_dirty:
             extra["AllowDirty"] = True
         rec = self.repo.add_disk(image_path, disk_name, kind, size, on_wait=on_wait, extra=extra)
-        return dict(rec, Format=fmt, RequestId=request_id())
+        return dict({k: v for k, v in rec.items() if k != "Seq"}, Format=fmt, RequestId=request_id())
 
-    def describe_disks(self):
-        """DescribeDisks: every registered disk. Returns ``{"Disks": {"Disk": [...]}, "TotalCount",
-        "PageNumber", "PageSize", "RequestId"}`` (one page)."""
-        disks = [dict(d, Format=d.get("Format", "raw")) for d in self.repo.list_disks()]
-        return {"Disks": {"Disk": disks}, "TotalCount": len(disks), "PageNumber": 1, "PageSize": len(disks),
-                "RequestId": request_id()}
+    def describe_disks(self, disk_ids=None, disk_name=None, status=None, disk_type=None, lock_reason=None,
+                       resource_group_id=None, page_number=None, page_size=None, max_results=None, next_token=None,
+                       everything=True):
+        """DescribeDisks: the registered disks that pass every filter, in registration order, one page.
+
+        Args:
+            disk_ids: a list of DiskIds (or its JSON text), at most 100; disk_name; status (``Available``: a
+                local image is never attached; ``All``); disk_type (``all``, ``data``; ``system`` matches none);
+                lock_reason (``security``: disks locked with :meth:`lock_disk`; ``financial`` matches none);
+                resource_group_id (the default group holds every disk).
+            page_number, page_size: PageNumber (from 1) and PageSize (1-100, default 10); or max_results (10-500,
+                outside counts as the nearest end) and next_token. With none of them and ``everything``, every
+                disk on one page (the Python method's own default; the API's is one page of 10).
+        Returns:
+            ``{"Disks": {"Disk": [...]}, "TotalCount", "PageNumber", "PageSize", "NextToken", "RequestId"}``.
+        Raises:
+            InvalidParameter, InvalidResourceGroupNotFound.
+        """
+        group = self._group_filter(resource_group_id)
+        query = describe.DiskQuery(disk_ids, disk_name, status, disk_type, lock_reason, group)
+        paging = describe.Paging(page_number, page_size, max_results, next_token, everything,
+                                 describe.DISK_MAX_RESULTS, clamp=True)
+        recs, total, number, size, token = describe.find_disks(self.repo, query, paging)
+        default = self.repo.default_group
+        disks = [_public_disk(r, self.region, default) for r in recs]
+        return {"Disks": {"Disk": disks}, "TotalCount": total, "PageNumber": number, "PageSize": size,
+                "NextToken": token, "RequestId": request_id()}
+
+    def _group_filter(self, group_id):
+        """A ResourceGroupId filter as the indexes hold it ("" for the default group); None for none."""
+        if group_id is None:
+            return None
+        if not isinstance(group_id, str):
+            raise errors.InvalidParameter(f"(ResourceGroupId must be a string, got {_shown(group_id)})")
+        self.repo.get_group(group_id)
+        return "" if group_id == self.repo.default_group else group_id
+
+    # --- disk locks, resource groups, quotas: local administration ----------------------------------
+    def lock_disk(self, disk_id):
+        """Mark a disk locked for security (OperationLocks ``[{"LockReason": "security"}]``): every CreateSnapshot
+        of it is InstanceLockedForSecurity until :meth:`unlock_disk`. Returns the disk as DescribeDisks shows it."""
+        rec = self.repo.set_disk_lock(disk_id, "security", True)
+        return dict(_public_disk(rec, self.region, self.repo.default_group), RequestId=request_id())
+
+    def unlock_disk(self, disk_id):
+        """Lift the security lock of :meth:`lock_disk`."""
+        rec = self.repo.set_disk_lock(disk_id, "security", False)
+        return dict(_public_disk(rec, self.region, self.repo.default_group), RequestId=request_id())
+
+    def create_resource_group(self, name, display_name=None):
+        """Add a resource group (3-50 letters, digits and hyphens; unique). Returns ``{"ResourceGroup": {...},
+        "RequestId"}``; its ``ResourceGroupId`` is what CreateSnapshot's ResourceGroupId names."""
+        return {"ResourceGroup": self.repo.create_group(name, display_name), "RequestId": request_id()}
+
+    def list_resource_groups(self):
+        """Every resource group, the default one first: ``{"ResourceGroups": {"ResourceGroup": [...]}, "TotalCount",
+        "RequestId"}``."""
+        groups = self.repo.list_groups()
+        return {"ResourceGroups": {"ResourceGroup": groups}, "TotalCount": len(groups), "RequestId": request_id()}
+
+    def delete_resource_group(self, group_id):
+        """Remove an empty resource group (not the default one).
+
+        Raises:
+            InvalidResourceGroupNotFound, InvalidParameter, ResourceGroupInUse.
+        """
+        self.repo.delete_group(group_id)
+        return {"RequestId": request_id()}
+
+    def quotas(self):
+        """The repository's quotas: ``{"Quotas": {"SnapshotsPerDisk", "ConcurrentSnapshots"}, "RequestId"}``."""
+        return {"Quotas": self.repo.quotas(), "RequestId": request_id()}
+
+    def set_quotas(self, snapshots_per_disk=None, concurrent_snapshots=None, reset=()):
+        """Set quotas (1 to 2**20); names in ``reset`` go back to the defaults (256; no concurrency limit)."""
+        values = {}
+        for name, value in (("SnapshotsPerDisk", snapshots_per_disk), ("ConcurrentSnapshots", concurrent_snapshots)):
+            if value is not None:
+                values[name] = value
+        for name in reset:
+            values[name] = None
+        return {"Quotas": self.repo.set_quotas(**values), "RequestId": request_id()}
 
     # --- regions and the API's own form ------------------------------------------------------------
     def check_region(self, region_id):
@@ -365,17 +525,26 @@ class Client:
 
     # --- snapshots -----------------------------------------------------------------------------------
     def create_snapshot(self, disk_id, snapshot_name=None, description=None, retention_days=None,
-                        tags=None, client_token=None, category=None, progress=None, on_wait=None):
+                        tags=None, client_token=None, category=None, progress=None, on_wait=None,
+                        resource_group_id=None, instant_access=None, instant_access_retention_days=None,
+                        storage_location_arn=None):
         """CreateSnapshot. Returns ``{"SnapshotId", "RequestId"}`` once the snapshot is accomplished.
 
         ``on_wait`` (as for restore and verify) is called once if a running gc makes it wait.
+        ``resource_group_id``: a group of :meth:`list_resource_groups` (default: the default group).
+        ``instant_access`` / ``instant_access_retention_days``: recorded, as the cloud's deprecated switch; every
+        accomplished local snapshot is restorable at once (``Available``). ``storage_location_arn``: the
+        repository knows no storage location, so any value is refused.
 
         Raises:
             InvalidSnapshotNameMalformed, InvalidDescriptionMalformed, InvalidRetentionDaysMalformed,
-            InvalidTagKeyMalformed, InvalidTagValueMalformed, DuplicateTagKey, InvalidClientTokenMalformed,
-            InvalidSnapshotCategoryMalformed, InvalidDiskIdNotFound, IncorrectDiskStatusCreatingSnapshot,
+            InvalidTagKeyMalformed, InvalidTagValueMalformed, DuplicateTagKey, InvalidTagCount,
+            InvalidClientTokenMalformed, InvalidSnapshotCategoryMalformed, InvalidCategoryAndInstantAccessMalformed,
+            InvalidInstantAccessRetentionDaysMalformed, InvalidStorageLocationArnMalformed,
+            InvalidResourceGroupNotFound, InvalidDiskIdNotFound, InstanceLockedForSecurity,
+            IncorrectDiskStatusCreatingSnapshot, QuotaExceedSnapshot, QuotaExceedConcurrentSnapshot,
             IdempotentParameterMismatch, IdempotentProcessing, ImageNotFound, ImageUnreadable,
-            ImageChanged, NoSpace, CreateSnapshotFailed.
+            ImageChanged, NoSpace, CreateSnapshotFailed (also when the image is removed while it is read).
         """
         fields = {
             "SnapshotName": validate_snapshot_name(snapshot_name),
@@ -388,6 +557,13 @@ class Client:
                 raise errors.InvalidSnapshotCategoryMalformed(f"({_shown(category)})")
             fields["Category"] = category
         token = validate_client_token(client_token)
+        fields.update(validate_instant_access(instant_access, instant_access_retention_days, category))
+        if storage_location_arn is not None:
+            raise errors.InvalidStorageLocationArnMalformed(f"({_shown(storage_location_arn)}: this repository knows "
+                                                            "no storage location; leave StorageLocationArn out)")
+        if resource_group_id is not None and not isinstance(resource_group_id, str):
+            raise errors.InvalidResourceGroupNotFound(f"({_shown(resource_group_id)})")
+        fields["ResourceGroupId"] = self.repo.group_field(resource_group_id)
         fields = {k: v for k, v in fields.items() if v not in (None, [])}
         params_hash = None
         if token:
@@ -397,89 +573,63 @@ class Client:
             answer = self._token_answer(token, params_hash)
             if answer is not None:
                 return answer
-        try:
-            rec = backup.create_snapshot(self.repo, disk_id, fields, token, params_hash, progress, on_wait)
-        except errors.IncorrectDiskStatusCreatingSnapshot:
-            answer = self._answer_when_recorded(token, params_hash) if token else None
-            if answer is None:
-                raise
-            return answer
+        rec = backup.create_snapshot(self.repo, disk_id, fields, token, params_hash, progress, on_wait)
         return {"SnapshotId": rec["SnapshotId"], "RequestId": request_id()}
 
-    def _answer_when_recorded(self, token, params_hash, wait=2.0):
-        """The disk is busy: if the create holding it is this token's own first request (which records
-        its token right after taking the disk), answer as the cloud API does (IdempotentProcessing or
-        IdempotentParameterMismatch raised, or the snapshot if it is done) instead of with the busy
-        disk's error; None if the token is not recorded within ``wait`` seconds."""
-        deadline = time.monotonic() + wait
-        while not self._token_recorded(token):
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.02)
-        return self._token_answer(token, params_hash)
-
     def _token_answer(self, token, params_hash):
-        """What a request with a recorded ClientToken gets: the accomplished snapshot's reply, or
-        IdempotentParameterMismatch / IdempotentProcessing raised; None if the token is not recorded
-        or its snapshot failed (a retry with the same token tries again)."""
+        """A retry whose snapshot is accomplished is answered from a read (no lock: also while gc runs);
+        reusing the token of an existing snapshot with other parameters is IdempotentParameterMismatch. Every
+        other case is decided, from state, where the token is claimed (backup.claim_token). None: go on."""
         with self.repo.catalog.read() as txn:
             prev = txn.token(token)
-        if prev is None:
+            rec = txn.snapshot(prev.snapshot_id) if prev is not None else None
+        if rec is None or rec.get("Deleting"):
             return None
         if prev.params_hash != params_hash:
             raise errors.IdempotentParameterMismatch()
-        try:
-            rec = self.repo.get_snapshot(prev.snapshot_id)
-        except errors.InvalidSnapshotIdNotFound:
-            return None
-        if rec["Status"] == "progressing":
-            raise errors.IdempotentProcessing()
+        rec = self.repo.view(rec)
         if rec["Status"] == ACCOMPLISHED:
             return {"SnapshotId": rec["SnapshotId"], "RequestId": request_id()}
         return None
 
-    def _token_recorded(self, token):
-        with self.repo.catalog.read() as txn:
-            return txn.token(token) is not None
+    def describe_snapshots(self, disk_id=None, snapshot_ids=None, status=None, sizes=True, snapshot_name=None,
+                           snapshot_type=None, category=None, tags=None, resource_group_id=None, page_number=None,
+                           page_size=None, max_results=None, next_token=None, everything=True):
+        """DescribeSnapshots: the snapshots that pass every filter, oldest first, one page.
 
-    def describe_snapshots(self, disk_id=None, snapshot_ids=None, status=None, sizes=True):
-        """DescribeSnapshots: every snapshot (or one disk's, or the listed ids), oldest first.
-
-        Each snapshot carries LogicalBytes (non-zero data), AddedBytes (what it added to the
-        repository), ExclusiveBytes (what deleting it would free) when ``sizes``.
+        Args:
+            disk_id: the snapshots of one disk (InvalidDiskIdNotFound if it is not registered); snapshot_ids: a
+                list (or its JSON text) of up to 100 SnapshotIds; snapshot_name; status (``progressing``,
+                ``accomplished``, ``failed``, ``all``); snapshot_type (``auto``, ``user``, ``all``); category;
+                tags (``[{"Key", "Value"}]``: a snapshot carries each; a tag without Value matches any value);
+                resource_group_id.
+            page_number, page_size: PageNumber (from 1) and PageSize (1-100, default 10); or max_results (1-100,
+                default 10) and next_token (from the previous page's NextToken; "" after the last page). With
+                none of them and ``everything``, every snapshot on one page (the Python method's own default;
+                the API's is one page of 10).
+            sizes: each snapshot carries LogicalBytes, AddedBytes, ..., and ExclusiveBytes (what deleting it
+                would free) when true.
+        Returns:
+            ``{"Snapshots": {"Snapshot": [...]}, "TotalCount", "PageNumber", "PageSize", "NextToken", "RequestId"}``.
+        Raises:
+            InvalidParameter, InvalidDiskIdNotFound, InvalidResourceGroupNotFound.
         """
-        if isinstance(snapshot_ids, str):  # the cloud API passes a JSON array in a string
-            try:
-                snapshot_ids = json.loads(snapshot_ids)
-            except ValueError:
-                pass  # still a str: refused just below
-        if snapshot_ids is not None and (not isinstance(snapshot_ids, (list, tuple))
-                                         or not all(isinstance(x, str) for x in snapshot_ids)):
-            raise errors.InvalidParameter(f"(SnapshotIds must be a list of SnapshotIds, got {_shown(snapshot_ids)})")
-        if status is not None and status not in STATUSES:
-            raise errors.InvalidParameter(f"(Status must be one of {', '.join(STATUSES)}, got {_shown(status)})")
-        if status == "all":
-            status = None
-        if snapshot_ids is not None:
-            recs = []
-            for sid in snapshot_ids:
-                try:
-                    rec = self.repo.get_snapshot(sid)
-                except errors.InvalidSnapshotIdNotFound:
-                    continue  # DescribeSnapshots lists what exists
-                if disk_id is None or rec["SourceDiskId"] == disk_id:
-                    recs.append(rec)
-        else:
-            recs = self.repo.list_snapshots(disk_id)
-        if status is not None:
-            recs = [r for r in recs if r["Status"] == status]
+        group = self._group_filter(resource_group_id)
+        query = describe.SnapshotQuery(disk_id, snapshot_ids, snapshot_name, status, snapshot_type, category, tags,
+                                       group)
+        paging = describe.Paging(page_number, page_size, max_results, next_token, everything)
+        if query.disk_id is not None:
+            self.repo.get_disk(query.disk_id)
+        recs, total, number, size, token = describe.find_snapshots(self.repo, query, paging)
         out = []
+        now = time.time()
+        default = self.repo.default_group
         with self.repo.catalog.read() as txn:
             for rec in recs:
                 excl = self.repo.exclusive_bytes(txn, rec) if sizes else None
-                out.append(_public(rec, excl))
-        return {"Snapshots": {"Snapshot": out}, "TotalCount": len(out), "PageNumber": 1,
-                "PageSize": len(out), "RequestId": request_id()}
+                out.append(_public(rec, excl, self.region, default, now))
+        return {"Snapshots": {"Snapshot": out}, "TotalCount": total, "PageNumber": number, "PageSize": size,
+                "NextToken": token, "RequestId": request_id()}
 
     def delete_snapshot(self, snapshot_id):
         """DeleteSnapshot. Returns ``{"RequestId", "FreedChunks", "ReclaimedBytes"}``, and ``Problems`` when the

@@ -27,7 +27,7 @@ import time
 
 from . import _native, errors, interrupts
 from . import image as images
-from .repository import ACCOMPLISHED, FAILED, PROGRESSING, crashpoint, mark_failed, new_id, now_iso
+from .repository import ACCOMPLISHED, PROGRESSING, crashpoint, mark_failed, new_id, now_iso, release_token
 from .store import objects, refs
 from .store import packs as packstore
 from .store.catalog import ZERO_ID, PackEntry, TokenEntry
@@ -68,23 +68,44 @@ def create_snapshot(repo, disk_id, fields, client_token=None, params_hash=None, 
     Args:
         repo: an open Repository.
         disk_id: the DiskId.
-        fields: validated SnapshotName / Description / RetentionDays / Tags.
-        client_token, params_hash: idempotency (api.py validated them).
+        fields: validated SnapshotName / Description / RetentionDays / Tags / Category / ResourceGroupId /
+            InstantAccess / InstantAccessRetentionDays.
+        client_token, params_hash: idempotency (api.py validated them). The token is claimed in the catalog
+            before the disk is taken (see :func:`claim_token`), so a retry is answered from state.
         progress: optional callable(done_bytes, total_bytes).
         on_wait: called once, with no arguments, if a running gc makes the create wait.
     Raises:
-        IncorrectDiskStatusCreatingSnapshot, InvalidDiskIdNotFound, ImageNotFound,
-        ImageUnreadable, ImageChanged, NoSpace, CreateSnapshotFailed, RepositoryReadOnly.
+        IncorrectDiskStatusCreatingSnapshot, InvalidDiskIdNotFound, InstanceLockedForSecurity,
+        InvalidResourceGroupNotFound, QuotaExceedSnapshot, QuotaExceedConcurrentSnapshot,
+        IdempotentParameterMismatch, IdempotentProcessing, ImageNotFound, ImageUnreadable, ImageChanged,
+        NoSpace, CreateSnapshotFailed, RepositoryReadOnly.
     """
     repo.require_writable()
     disk_lock = repo.disk_lock(disk_id)
     repo.get_disk(disk_id)
     repo_lock = repo.lock_shared(on_wait)  # waits while gc runs or waits to run
+    token_lock = slot = None
+    sid = new_id("s-")
+    registered = False
     try:
+        if client_token:
+            token_lock, existing = claim_token(repo, client_token, params_hash, sid)
+            if existing is not None:
+                return existing
+        check_disk_usable(repo.get_disk(disk_id))
         if not disk_lock.acquire(exclusive=True, blocking=False):
             raise errors.IncorrectDiskStatusCreatingSnapshot(f"({disk_id})")
-        job = _Create(repo, disk_id, fields, client_token, params_hash, progress)
-        return job.run(repo_lock)
+        quota = repo.quotas()["ConcurrentSnapshots"]
+        slot = repo.create_slot(quota) if quota is not None else None
+        if quota is not None and slot is None:
+            raise errors.QuotaExceedConcurrentSnapshot(
+                f"(this repository runs at most {quota} creates at once; its quota ConcurrentSnapshots)",
+                disk=disk_id, quota=quota)
+        job = _Create(repo, disk_id, fields, client_token, params_hash, progress, sid)
+        try:
+            return job.run(repo_lock)
+        finally:
+            registered = job.rec is not None
     except OSError as exc:
         raise errors.translate(exc, "locks", op="create") from exc
     except errors.BlocksnapError as exc:
@@ -93,8 +114,76 @@ def create_snapshot(repo, disk_id, fields, client_token=None, params_hash=None, 
             raise
         raise typed from exc
     finally:
+        if token_lock is not None:
+            if not registered:
+                _unclaim_token(repo, client_token, sid)  # nothing was made: the token stays unused
+            token_lock.release()  # after the record's last change: a retry now sees it final
+        if slot is not None:
+            slot.release()
         disk_lock.release()
         repo_lock.release()
+
+
+def check_disk_usable(disk):
+    """Raise InstanceLockedForSecurity if the disk carries a security OperationLock (``disk lock``)."""
+    if any(x.get("LockReason") == "security" for x in disk.get("OperationLocks") or ()):
+        raise errors.InstanceLockedForSecurity(f"({disk['DiskId']} is locked: 'blocksnap disk unlock' lifts it)")
+
+
+def claim_token(repo, token, params_hash, sid):
+    """Decide a ClientToken request from the catalog, in one write transaction, and claim the token for a new
+    create (SnapshotId ``sid``) where that is the answer.
+
+    The creator of a token holds its lock (:meth:`Repository.token_lock`) from this transaction until its record
+    is final (accomplished or failed), and takes the lock inside the transaction that records the claim: a
+    request that finds a claim whose lock is held knows its first request is running, one that finds the lock
+    free knows it ended. So:
+
+    - the token's snapshot accomplished: that snapshot is the answer (``(None, record)``), also after a
+      restart; with other parameters, IdempotentParameterMismatch;
+    - its snapshot progressing, or the claim still without a record while its lock is held:
+      IdempotentProcessing (IdempotentParameterMismatch with other parameters);
+    - no claim, a failed snapshot, or a claim whose creator died before it recorded anything: the token is
+      claimed for this request: ``(held lock, None)``.
+
+    Raises:
+        IdempotentParameterMismatch, IdempotentProcessing.
+    """
+    lock = repo.token_lock(token)
+    with repo.catalog.write() as txn:
+        prev = txn.token(token)
+        other = prev is not None and prev.params_hash != params_hash
+        if prev is not None:
+            rec = txn.snapshot(prev.snapshot_id)
+            if rec is not None and not rec.get("Deleting"):
+                if other:
+                    raise errors.IdempotentParameterMismatch()
+                seen = repo.view(rec)
+                if seen["Status"] == ACCOMPLISHED:
+                    return None, seen
+                if seen["Status"] == PROGRESSING:
+                    raise errors.IdempotentProcessing()
+        # No snapshot yet, or a failed one: the claim's creator still holds the lock if it runs (before it
+        # recorded its snapshot, or while it clears up a failure); free, it has ended.
+        if not lock.acquire():
+            raise errors.IdempotentParameterMismatch() if other else errors.IdempotentProcessing()
+        try:
+            txn.put_token(token, TokenEntry(params_hash, sid))
+        except BaseException:
+            lock.release()
+            raise
+    return lock, None
+
+
+def _unclaim_token(repo, token, sid):
+    """Forget a claim that made nothing (the disk was busy, a quota was reached), if it is still this one's."""
+    try:
+        with repo.catalog.write() as txn:
+            held = txn.token(token)
+            if held is not None and held.snapshot_id == sid and txn.snapshot(sid) is None:
+                txn.delete_token(token)
+    except (errors.BlocksnapError, OSError):
+        pass  # a claim without a record whose lock is free is taken over by the next request
 
 
 class _MapBuilder:
@@ -155,8 +244,10 @@ class _MapBuilder:
 
 
 class _Create:
-    def __init__(self, repo, disk_id, fields, client_token, params_hash, progress):
+    def __init__(self, repo, disk_id, fields, client_token, params_hash, progress, snapshot_id=None):
         self.repo = repo
+        self.snapshot_id = snapshot_id or new_id("s-")
+        self.vanished = False  # the image's path was gone when the create ended: it leaves no record
         self.cat = repo.catalog
         self.disk_id = disk_id
         self.fields = fields
@@ -184,12 +275,13 @@ class _Create:
                                 disk.get("AllowDirty", False), deny=(self.repo.path,)) as img:
             images.check_mappable(img, self.cs)
             self.rec = self._register(img)
-            if self.rec.get("_existing"):
-                del self.rec["_existing"]
-                return self.rec
             try:
                 seg_ids = self._scan_and_store(img)
                 if not img.unchanged():
+                    if not os.path.lexists(disk["Path"]):
+                        self.vanished = True
+                        raise errors.CreateSnapshotFailed(f"(the image {disk['Path']} was removed while it was read; "
+                                                          "nothing of this snapshot was kept)")
                     raise errors.ImageChanged(f"({disk['Path']})")
                 crashpoint("before-commit")
                 self._commit(seg_ids, img)
@@ -206,25 +298,20 @@ class _Create:
 
     def _register(self, img):
         with self.cat.write() as txn:
-            if self.client_token:
-                prev = txn.token(self.client_token)
-                if prev is not None:
-                    if prev.params_hash != self.params_hash:
-                        raise errors.IdempotentParameterMismatch()
-                    rec = txn.snapshot(prev.snapshot_id)
-                    if rec is not None and rec.get("Deleting"):
-                        rec = None
-                    if rec is not None and rec["Status"] != FAILED:
-                        rec = self.repo.view(rec)
-                    if rec is not None and rec["Status"] != FAILED:
-                        rec["_existing"] = True
-                        return rec
-                    # a failed first attempt: this retry takes the token over
             # Holding the disk lock, any progressing record of this disk is a dead create's.
             self.repo.settle_dead(txn, self.disk_id)
+            disk = self.repo.get_disk(self.disk_id, txn)
+            check_disk_usable(disk)
+            group = self.fields.get("ResourceGroupId")
+            if group is not None and txn.group(group) is None:  # removed since the request was checked
+                raise errors.InvalidResourceGroupNotFound(f"({group!r})")
+            quota = self.repo.quotas()["SnapshotsPerDisk"]
+            have = self.repo.manual_snapshot_count(txn, self.disk_id)
+            if have >= quota:
+                raise errors.QuotaExceedSnapshot(f"({self.disk_id} has {have} manual snapshots; its quota is {quota})")
             parent = find_parent(txn, self.disk_id)
             seq = txn.next_seq()
-            sid = new_id("s-")
+            sid = self.snapshot_id
             now = time.time()
             rec = dict(self.fields)
             rec.update({
@@ -631,9 +718,13 @@ class _Create:
             with self.cat.write() as txn:
                 rec = txn.snapshot(sid)
                 if rec is not None and rec["Status"] == PROGRESSING:
-                    mark_failed(rec, exc)
-                    txn.put_snapshot(rec)
-                    self.rec = rec
+                    if self.vanished:  # as the cloud drops a creating snapshot of a released disk: no record
+                        txn.delete_snapshot(rec)
+                        release_token(txn, rec)
+                    else:
+                        mark_failed(rec, exc)
+                        txn.put_snapshot(rec)
+                        self.rec = rec
             settled = True
         except (errors.BlocksnapError, OSError):
             pass  # the record stays progressing; readers see its lock gone and call it failed

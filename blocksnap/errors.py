@@ -126,6 +126,29 @@ class InvalidSnapshotCategoryMalformed(InvalidParameter):
     message = "The specified Category is not valid."
 
 
+class InvalidCategoryAndInstantAccessMalformed(InvalidParameter):
+    code = "InvalidCategoryAndInstantAccess.Malformed"
+    http_status = 403
+    message = "The snapshot Category and InstantAccess can't be used together."
+
+
+class InvalidInstantAccessRetentionDaysMalformed(InvalidParameter):
+    code = "InvalidInstantAccessRetentionDays.Malformed"
+    http_status = 403
+    message = "The specified InstantAccessRetentionDays is not valid."
+
+
+class InvalidStorageLocationArnMalformed(InvalidParameter):
+    code = "InvalidStorageLocationArn.Malformed"
+    http_status = 403
+    message = "The specified parameter StorageLocationArn is wrongly formed."
+
+
+class DryRunOperation(InvalidParameter):
+    code = "DryRunOperation"
+    message = "Request validation has been passed with DryRun flag set."
+
+
 class InvalidDiskNameMalformed(InvalidParameter):
     code = "InvalidDiskName.Malformed"
     message = "The specified DiskName is wrongly formed."
@@ -169,6 +192,11 @@ class InvalidActionNotFound(NotFound):
     message = "Specified api is not found, please check your url and method."
 
 
+class InvalidResourceGroupNotFound(NotFound):
+    code = "InvalidResourceGroup.NotFound"
+    message = "The ResourceGroup provided does not exist in our records."
+
+
 class InvalidRegionIdNotFound(NotFound):
     code = "InvalidRegionId.NotFound"
     message = "The specified RegionId does not exist."
@@ -200,6 +228,27 @@ class IdempotentParameterMismatch(Conflict):
 class IdempotentProcessing(Conflict):
     code = "IdempotentProcessing"
     message = "The previous idempotent request(s) is still processing."
+
+
+class InstanceLockedForSecurity(Conflict):
+    code = "InstanceLockedForSecurity"
+    message = "The disk attached instance is locked due to security."
+
+
+class QuotaExceedSnapshot(Conflict):
+    code = "QuotaExceed.Snapshot"
+    message = "The snapshot quota exceeds."
+
+
+class QuotaExceedConcurrentSnapshot(Conflict):
+    code = "QuotaExceed.ConcurrentSnapshotQuota"
+    message = ("The number of snapshots being created for the disk {disk} has exceeded the concurrent quota "
+               "({quota}). Please wait for the previous snapshots to complete before trying again.")
+
+
+class ResourceGroupInUse(Conflict):
+    code = "DeleteConflict.ResourceGroup.Resource"
+    message = "The resource group still holds resources; delete them or move them to another group first."
 
 
 class DiskAlreadyRegistered(Conflict):

@@ -26,13 +26,26 @@ from .store import layout, objects, refs
 from .store.backend import LocalBackend
 from .store.catalog import TokenEntry
 from .store.config import DEFAULT_CHUNK_SIZE, SEGMENT_CHUNKS, now_iso  # noqa: F401 (re-exported)
-from .store.locks import FileLock, ReaderEpochs, is_held
+from .store.locks import ByteLock, FileLock, ReaderEpochs, is_held
 from .store.packs import PackStore
 
 ID_ALPHABET = string.ascii_lowercase + string.digits
 DISK_ID_RE = re.compile(r"^d-[a-z0-9]{20}$")
 SNAPSHOT_ID_RE = re.compile(r"^s-[a-z0-9]{20}$")
+GROUP_ID_RE = re.compile(r"^rg-[a-z0-9]{20}$")
 ZERO_ID = bytes(16)
+# Quotas (config "Quotas"; docs/API.md, "Quotas"): the cloud's numbers unless the repository says otherwise.
+SNAPSHOTS_PER_DISK = 256  # manual snapshots of one disk, as the cloud's quota (QuotaExceed.Snapshot past it)
+# Creates running at once in the repository (QuotaExceed.ConcurrentSnapshotQuota past it). The cloud's only
+# concurrency quota is per disk (10 at once on an ESSD, 1 on older disks); here one create of a disk runs at a
+# time (IncorrectDiskStatus.CreatingSnapshot, as on the older disks), and creates of different disks are never
+# refused for each other, as in the cloud: no repository-wide limit unless one is set.
+CONCURRENT_SNAPSHOTS = None
+QUOTA_NAMES = {"SnapshotsPerDisk": SNAPSHOTS_PER_DISK, "ConcurrentSnapshots": CONCURRENT_SNAPSHOTS}
+MAX_QUOTA = 1 << 20
+DEFAULT_GROUP_NAME = "default"
+DEFAULT_GROUP_DISPLAY_NAME = "Default Resource Group"
+_GROUP_NAME_RE = re.compile(r"^[A-Za-z0-9-]{3,50}$")
 
 PROGRESSING = "progressing"
 ACCOMPLISHED = "accomplished"
@@ -61,6 +74,23 @@ def new_id(prefix):
     while len(out) < 20:
         out.extend(ID_ALPHABET[b % n] for b in os.urandom(32) if b < limit)
     return prefix + "".join(out[:20])
+
+
+def is_snapshot_id(text):
+    return isinstance(text, str) and SNAPSHOT_ID_RE.match(text) is not None
+
+
+def default_group_id(repository_id):
+    """The id of a repository's default resource group: made from the RepositoryId, so it never changes and
+    needs no record (every repository has it, from before resource groups too)."""
+    from . import _native
+
+    n = int.from_bytes(_native.hash128(f"default resource group of {repository_id}".encode()), "big")
+    out = []
+    for _ in range(20):
+        n, r = divmod(n, len(ID_ALPHABET))
+        out.append(ID_ALPHABET[r])
+    return "rg-" + "".join(out)
 
 
 def mark_failed(rec, exc):
@@ -223,6 +253,211 @@ class Repository:
     def disk_lock(self, disk_id):
         return FileLock(self.disk_lock_path(disk_id))
 
+    def token_lock(self, token):
+        """The lock a create holds while it runs for a ClientToken: one byte of ``tokens.lock`` at a hash
+        of the token (62 bits: two tokens sharing a byte is not a practical concern)."""
+        from . import _native
+
+        offset = int.from_bytes(_native.hash64(token.encode("ascii")), "big") >> 2
+        return ByteLock(os.path.join(self.locks_dir, "tokens.lock"), offset)
+
+    def create_slot(self, quota):
+        """One of the ``quota`` slots of running creates (bytes of ``creates.lock``), taken, or None if every
+        slot is held: QuotaExceed.ConcurrentSnapshotQuota."""
+        path = os.path.join(self.locks_dir, "creates.lock")
+        for n in range(quota):
+            lock = ByteLock(path, n)
+            if lock.acquire():
+                return lock
+        return None
+
+    # --- quotas --------------------------------------------------------------------------------------
+    def quotas(self):
+        """The repository's quotas: the config's ``Quotas`` over the defaults (read anew each time, so that a
+        long-running api-server sees a change)."""
+        try:
+            cfg = configs.load(self.path)
+        except errors.BlocksnapError:
+            cfg = self.config
+        given = cfg.get("Quotas") if isinstance(cfg.get("Quotas"), dict) else {}
+        out = dict(QUOTA_NAMES)
+        for name in QUOTA_NAMES:
+            value = given.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_QUOTA:
+                out[name] = value
+        return out
+
+    def set_quotas(self, **values):
+        """Write quotas (``SnapshotsPerDisk``, ``ConcurrentSnapshots``: 1 to 2**20, or None for the default: 256
+        and no limit) into the config, atomically. Returns the quotas now in force.
+
+        Raises:
+            InvalidParameter, RepositoryReadOnly.
+        """
+        self.require_writable()
+        for name, value in values.items():
+            if name not in QUOTA_NAMES:
+                raise errors.InvalidParameter(f"({name!r} is no quota; the quotas are {', '.join(QUOTA_NAMES)})")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 1 <= value <= MAX_QUOTA):
+                raise errors.InvalidParameter(f"({name} must be a whole number from 1 to {MAX_QUOTA}, got {value!r})")
+        with FileLock(os.path.join(self.locks_dir, "config.lock")) as lock:
+            lock.acquire(exclusive=True)
+            cfg = configs.load(self.path)
+            quotas = dict(cfg.get("Quotas") or {})
+            for name, value in values.items():
+                if value is None or value == QUOTA_NAMES[name]:
+                    quotas.pop(name, None)
+                else:
+                    quotas[name] = value
+            if quotas:
+                cfg["Quotas"] = quotas
+            else:
+                cfg.pop("Quotas", None)
+            try:
+                configs.write(os.path.join(self.path, "config"), cfg)
+            except OSError as exc:
+                raise errors.translate(exc, "writing the config") from None
+            self.config = cfg
+        return self.quotas()
+
+    # --- resource groups -----------------------------------------------------------------------------
+    @property
+    def default_group(self):
+        return default_group_id(self.repository_id)
+
+    def _default_group_record(self):
+        return {"ResourceGroupId": self.default_group, "Name": DEFAULT_GROUP_NAME,
+                "DisplayName": DEFAULT_GROUP_DISPLAY_NAME, "CreationTime": self.config.get("CreationTime", ""),
+                "Status": "OK"}
+
+    def get_group(self, group_id, txn=None):
+        """A resource group's record (the default group's too).
+
+        Raises:
+            InvalidResourceGroupNotFound.
+        """
+        if group_id == self.default_group:
+            return self._default_group_record()
+        rec = None
+        if isinstance(group_id, str) and GROUP_ID_RE.match(group_id):
+            if txn is None:
+                with self.catalog.read() as t:
+                    rec = t.group(group_id)
+            else:
+                rec = txn.group(group_id)
+        if rec is None:
+            raise errors.InvalidResourceGroupNotFound(f"({group_id!r})")
+        return dict(rec, Status="OK")
+
+    def list_groups(self):
+        with self.catalog.read() as txn:
+            recs = sorted(txn.groups(), key=lambda r: (r["CreationTime"], r["ResourceGroupId"]))
+        return [self._default_group_record()] + [dict(r, Status="OK") for r in recs]
+
+    def create_group(self, name, display_name=None):
+        """Register a resource group (its object first, then its record). Returns its record.
+
+        Raises:
+            InvalidParameter (a name that is not 3-50 letters, digits and hyphens, or is taken; a display name
+            that is not 1-50 characters), RepositoryReadOnly.
+        """
+        self.require_writable()
+        if not isinstance(name, str) or not _GROUP_NAME_RE.match(name):
+            raise errors.InvalidParameter(f"(a resource group Name is 3-50 letters, digits and hyphens, got {name!r})")
+        if display_name is None:
+            display_name = name
+        if not isinstance(display_name, str) or not 1 <= len(display_name) <= 50:
+            raise errors.InvalidParameter(f"(a resource group DisplayName is 1-50 characters, got {display_name!r})")
+        if name == DEFAULT_GROUP_NAME or any(g["Name"] == name for g in self.list_groups()):
+            raise errors.InvalidParameter(f"(a resource group named {name!r} exists)")
+        rec = {"ResourceGroupId": new_id("rg-"), "Name": name, "DisplayName": display_name,
+               "CreationTime": now_iso()}
+        lock = self.lock_shared()  # repair, which holds it exclusive, must see the object or the record
+        try:
+            try:
+                self.backend.put_object("groups", rec["ResourceGroupId"], objects.encode_group(rec))
+            except OSError as exc:
+                raise errors.translate(exc, "writing the resource group object") from None
+            with self.catalog.write() as txn:
+                if any(g["Name"] == name for g in txn.groups()):  # made meanwhile by another process
+                    self.backend.delete_object("groups", rec["ResourceGroupId"])
+                    raise errors.InvalidParameter(f"(a resource group named {name!r} exists)")
+                txn.put_group(rec)
+        finally:
+            lock.release()
+        return dict(rec, Status="OK")
+
+    def delete_group(self, group_id):
+        """Remove an empty resource group (its object first, then its record).
+
+        Raises:
+            InvalidResourceGroupNotFound, InvalidParameter (the default group), ResourceGroupInUse.
+        """
+        self.require_writable()
+        if group_id == self.default_group:
+            raise errors.InvalidParameter("(the default resource group cannot be deleted)")
+        self.get_group(group_id)
+        lock = self.lock_shared()
+        try:
+            with self.catalog.write() as txn:
+                if txn.group(group_id) is None:
+                    raise errors.InvalidResourceGroupNotFound(f"({group_id!r})")
+                if self._group_in_use(txn, group_id):
+                    raise errors.ResourceGroupInUse(f"({group_id})")
+                try:
+                    self.backend.delete_object("groups", group_id)
+                except OSError as exc:
+                    raise errors.translate(exc, "removing the resource group object") from None
+                txn.delete_group(group_id)
+        finally:
+            lock.release()
+
+    def _group_in_use(self, txn, group_id):
+        if self.catalog.indexed:
+            value = group_id.encode()
+            return (txn.index_count(catalogs.KIND_SNAPSHOT, catalogs.F_GROUP, value)
+                    + txn.index_count(catalogs.KIND_DISK, catalogs.F_GROUP, value)) > 0
+        return any(r.get("ResourceGroupId") == group_id for r in txn.snapshots() if not r.get("Deleting"))
+
+    def group_field(self, group_id):
+        """What a record stores for ``group_id``: nothing for the default group (records from before groups
+        are in it too), else the id. Raises InvalidResourceGroupNotFound for a group that does not exist."""
+        if group_id is None or group_id == self.default_group:
+            return None
+        self.get_group(group_id)
+        return group_id
+
+    # --- disk operation locks ----------------------------------------------------------------------
+    def set_disk_lock(self, disk_id, reason, locked):
+        """Add (``locked``) or remove an OperationLock of a disk (its LockReason, ``security`` or ``financial``):
+        the disk object is written anew, then the record, in one catalog transaction. Returns the record.
+
+        Raises:
+            InvalidDiskIdNotFound, InvalidParameter (an unknown reason), RepositoryReadOnly.
+        """
+        from .describe import LOCK_REASONS
+
+        self.require_writable()
+        if reason not in LOCK_REASONS:
+            raise errors.InvalidParameter(f"(a LockReason is one of {', '.join(LOCK_REASONS)}, got {reason!r})")
+        self.get_disk(disk_id)
+        with self.catalog.write() as txn:
+            rec = self.get_disk(disk_id, txn)
+            locks = [x for x in rec.get("OperationLocks", []) if x["LockReason"] != reason]
+            if locked:
+                locks.append({"LockReason": reason})
+            if locks:
+                rec["OperationLocks"] = locks
+            else:
+                rec.pop("OperationLocks", None)
+            try:
+                self.backend.put_object("disks", disk_id, objects.encode_disk(catalogs.disk_object_fields(rec)))
+            except OSError as exc:
+                raise errors.translate(exc, "writing the disk object") from None
+            txn.put_disk(rec)
+        return rec
+
     # --- disks ---------------------------------------------------------------------------------------
     def add_disk(self, image_path, name=None, kind="file", size=0, on_wait=None, extra=None):
         """Register an image file or block device; returns the disk record.
@@ -239,8 +474,10 @@ class Repository:
         if existing is not None:
             raise errors.DiskAlreadyRegistered(f"({real} is {existing})")
         disk_id = new_id("d-")
+        with self.catalog.write() as txn:
+            seq = txn.next_seq(catalogs.META_DISK_SEQ)  # registration order, for DescribeDisks
         rec = {"DiskId": disk_id, "DiskName": name or os.path.basename(real), "Path": real,
-               "Type": kind, "Size": size, "CreationTime": now_iso()}
+               "Type": kind, "Size": size, "CreationTime": now_iso(), "Seq": seq}
         rec.update(extra or {})  # Format, BackingDirs, AllowDirty where not the defaults (catalog.DISK_OPTIONAL)
         # Held shared like a create: gc, which removes the objects of disks a killed 'disk add' left
         # unrecorded, cannot take this one's for such a leftover.
@@ -366,6 +603,28 @@ class Repository:
             disk["Size"] = done["SourceDiskSize"]
             txn.put_disk(disk)
         return done
+
+    def manual_snapshot_count(self, txn, disk_id):
+        """The manual (SnapshotType user) snapshots of a disk that hold or will hold data: accomplished and
+        progressing ones (a failed one holds nothing). From the indexes' keys where the catalog has them."""
+        if self.catalog.indexed:
+            from . import describe
+
+            S = catalogs.KIND_SNAPSHOT
+
+            def lists(*extra):
+                return [describe.IndexPosting(txn, S, catalogs.F_DISK, disk_id.encode()),
+                        describe.IndexPosting(txn, S, catalogs.F_TYPE, catalogs.DEFAULT_TYPE.encode()), *extra]
+
+            failed = describe.IndexPosting(txn, S, catalogs.F_STATUS, FAILED.encode())
+            return describe.count(lists()) - describe.count(lists(failed))
+        n = 0
+        for sid in txn.disk_snapshot_ids(disk_id):
+            rec = txn.snapshot(sid)
+            if rec is not None and not rec.get("Deleting") and rec["Status"] != FAILED \
+                    and (rec.get("SnapshotType") or catalogs.DEFAULT_TYPE) == catalogs.DEFAULT_TYPE:
+                n += 1
+        return n
 
     def settle_dead(self, txn, disk_id=None):
         """Record the end of every create of ``disk_id`` (or of all disks) whose process is gone: rolled

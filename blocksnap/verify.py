@@ -135,6 +135,7 @@ class _Verifier:
         try:
             self._walk_catalog()
             chunk_items, seg_items = self._catalog_model()
+            self._check_indexes()
             self._check_lookups()
             self._check_records(chunk_items, seg_items)
             self._check_packs()
@@ -143,6 +144,44 @@ class _Verifier:
         except errors.CatalogDamaged as exc:
             self._unreadable(exc)
             return self.result()
+
+    def _check_indexes(self):
+        """The indexes of DescribeSnapshots and DescribeDisks hold exactly the entries the records make, and each
+        list's count is its length ('blocksnap repair' rebuilds them)."""
+        if not self.repo.catalog.indexed:
+            return
+        want = {}
+        with self.repo.catalog.read() as txn:
+            for sid in txn.snapshot_ids():
+                try:
+                    rec = txn.snapshot(sid)
+                except errors.RepositoryDamaged:
+                    continue  # reported with the record
+                for field, value in catalogs.snapshot_terms(rec):
+                    want[catalogs.index_prefix(catalogs.KIND_SNAPSHOT, field, value) + catalogs.snapshot_order(rec)] = sid
+            for rec in self._disk_records(txn):
+                for field, value in catalogs.disk_terms(rec):
+                    want[catalogs.index_prefix(catalogs.KIND_DISK, field, value) + catalogs.disk_order(rec)] = \
+                        rec["DiskId"]
+            lengths, wrong = {}, 0
+            for key, ident in txn.index_items():
+                lengths[key[:10]] = lengths.get(key[:10], 0) + 1
+                if want.pop(key, None) != ident:
+                    wrong += 1
+            bad_counts = sum(1 for prefix, n in txn.index_count_items() if lengths.pop(prefix, 0) != n) + len(lengths)
+        if wrong or want or bad_counts:
+            self.problems.append({"What": "catalog indexes", "Problem": f"{wrong} entries no record makes, {len(want)} "
+                                  f"missing, {bad_counts} wrong counts ('blocksnap repair' rebuilds them)"})
+
+    @staticmethod
+    def _disk_records(txn):
+        for did in txn.keys("disks"):
+            try:
+                rec = txn.disk(bytes(did).decode("ascii", "replace"))
+            except errors.RepositoryDamaged:
+                continue
+            if rec is not None:
+                yield rec
 
     def _unreadable(self, exc):
         """The catalog cannot be walked (LMDB's own structure is damaged, or a read ran off the end of

@@ -93,7 +93,9 @@ def test_delete_describe_disks_and_regions(repo_path, disk):
     (["CreateSnapshot", "--DiskId", "DISK", "--RetentionDays", "week"], "InvalidRetentionDays.Malformed",
      errors.EXIT_INVALID),
     (["CreateSnapshot"], "MissingParameter", errors.EXIT_INVALID),
-    (["CreateSnapshot", "--DiskId", "DISK", "--ResourceGroupId", "rg-1"], "InvalidParameter", errors.EXIT_INVALID),
+    (["CreateSnapshot", "--DiskId", "DISK", "--ResourceGroupId", "rg-1"], "InvalidResourceGroup.NotFound",
+     errors.EXIT_NOT_FOUND),
+    (["DescribeSnapshots", "--InstanceId", "i-1"], "InvalidParameter", errors.EXIT_INVALID),  # not built yet
     (["DescribeSnapshots", "--RegionId", "cn-hangzhou"], "InvalidRegionId.NotFound", errors.EXIT_NOT_FOUND),
     (["DeleteSnapshot", "--SnapshotId", "s-" + "0" * 20], "InvalidSnapshotId.NotFound", errors.EXIT_NOT_FOUND),
     (["DescribeSnapshot"], "InvalidAction.NotFound", errors.EXIT_NOT_FOUND),

@@ -207,13 +207,15 @@ ERRORS = [
     ("create_snapshot", {"disk_id": "DISK", "description": "x"}, "InvalidDescription.Malformed", 404),
     ("create_snapshot", {"disk_id": "DISK", "category": "Premium"}, "InvalidSnapshotCategory.Malformed", 403),
     ("create_snapshot", {"disk_id": "DISK", "client_token": "é"}, "InvalidClientToken.Malformed", 403),
-    ("create_snapshot", {"disk_id": "DISK", "resource_group_id": "rg-1"}, "InvalidParameter", 400),
+    ("create_snapshot", {"disk_id": "DISK", "resource_group_id": "rg-1"}, "InvalidResourceGroup.NotFound", 404),
+    ("describe_snapshots", {"region_id": "local", "instance_id": "i-1"}, "InvalidParameter", 400),  # not yet
     ("create_snapshot", {}, "MissingParameter", 400),
     ("describe_snapshots", {}, "MissingParameter", 400),
     ("describe_snapshots", {"region_id": "cn-hangzhou"}, "InvalidRegionId.NotFound", 404),
     ("describe_snapshots", {"region_id": "local", "status": "done"}, "InvalidParameter", 400),
     ("delete_snapshot", {"snapshot_id": "s-" + "0" * 20}, "InvalidSnapshotId.NotFound", 404),
-    ("describe_disks", {"region_id": "local", "page_size": 10}, "InvalidParameter", 400),
+    ("describe_disks", {"region_id": "local", "zone_id": "z-1"}, "InvalidParameter", 400),  # not yet
+    ("describe_disks", {"region_id": "local", "page_size": 101}, "InvalidParameter", 400),
 ]
 
 

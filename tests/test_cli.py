@@ -178,3 +178,45 @@ def test_a_restore_target_that_cannot_be_named_is_refused_before_any_work(repo_p
     assert p.returncode == errors.RestoreFailed.exit_code
     one_line_error(p, errors.RestoreFailed.code)
     assert says in p.stderr
+
+
+def test_the_human_commands_take_every_create_parameter_filters_locks_groups_and_quotas(repo_path, tmp_path):
+    """`snapshot create` maps its options onto CreateSnapshot (retention, tags, resource group, instant access);
+    `snapshot list` onto DescribeSnapshots' filters and pages; `disk lock`/`unlock`, `resource-group` and
+    `quota` do what they say, each failure one typed line."""
+    img = str(tmp_path / "d.raw")
+    with open(img, "wb") as f:
+        f.write(os.urandom(64 << 10))
+
+    def run(*args):
+        return json.loads(run_cli("--repo", repo_path, "--json", *args, check=True).stdout)
+
+    disk = run("disk", "add", img)["DiskId"]
+    group = run("resource-group", "create", "nightly", "--display-name", "Nightly")["ResourceGroup"]["ResourceGroupId"]
+    sid = run("snapshot", "create", disk, "--retention-days", "7", "--tag", "env=prod", "--tag", "tier=gold",
+              "--resource-group-id", group, "--instant-access", "true", "--instant-access-retention-days", "3",
+              "--snapshot-name", "first")["SnapshotId"]
+    other = run("snapshot", "create", disk, "--tag", "env=dev")["SnapshotId"]
+    [snap] = run("snapshot", "list", "--tag", "env=prod")["Snapshots"]["Snapshot"]
+    assert (snap["SnapshotId"], snap["RetentionDays"], snap["ResourceGroupId"], snap["InstantAccess"],
+            snap["InstantAccessRetentionDays"]) == (sid, 7, group, True, 3)
+    assert [s["SnapshotId"] for s in run("snapshot", "list", "--tag", "env")["Snapshots"]["Snapshot"]] == [sid, other]
+    page = run("snapshot", "list", "--max-results", "1")
+    assert [s["SnapshotId"] for s in page["Snapshots"]["Snapshot"]] == [sid] and page["NextToken"]
+    assert [s["SnapshotId"] for s in run("snapshot", "list", "--max-results", "1", "--next-token",
+                                         page["NextToken"])["Snapshots"]["Snapshot"]] == [other]
+    assert [g["Name"] for g in run("resource-group", "list")["ResourceGroups"]["ResourceGroup"]] == ["default",
+                                                                                                     "nightly"]
+    run("disk", "lock", disk)
+    p = run_cli("--repo", repo_path, "snapshot", "create", disk)
+    assert p.returncode == errors.EXIT_CONFLICT
+    one_line_error(p, "InstanceLockedForSecurity")
+    assert [d["DiskId"] for d in run("disk", "list", "--lock-reason", "security")["Disks"]["Disk"]] == [disk]
+    run("disk", "unlock", disk)
+    assert run("quota", "--snapshots-per-disk", "2")["Quotas"] == {"SnapshotsPerDisk": 2, "ConcurrentSnapshots": None}
+    p = run_cli("--repo", repo_path, "snapshot", "create", disk)
+    one_line_error(p, "QuotaExceed.Snapshot")
+    assert run("quota", "--reset", "SnapshotsPerDisk")["Quotas"]["SnapshotsPerDisk"] == 256
+    run("snapshot", "create", disk)
+    p = run_cli("--repo", repo_path, "resource-group", "delete", group)
+    one_line_error(p, "DeleteConflict.ResourceGroup.Resource")

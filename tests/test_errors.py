@@ -31,6 +31,19 @@ REFERENCE = {
     "InvalidDiskId.NotFound": ({404}, "The specified DiskId does not exist."),
     "CreateSnapshot.Failed": ({400, 403}, "The process of creating snapshot is failed."),
     "InvalidSnapshotCategory.Malformed": ({403}, "The specified Category is not valid."),
+    "InstanceLockedForSecurity": ({403}, "The disk attached instance is locked due to security."),
+    "QuotaExceed.Snapshot": ({403}, "The snapshot quota exceeds."),
+    "InvalidCategoryAndInstantAccess.Malformed": ({403}, ("The snapshot Category and InstantAccess can't be used "
+                                                          "together.")),
+    "InvalidInstantAccessRetentionDays.Malformed": ({403}, "The specified InstantAccessRetentionDays is not valid."),
+    "InvalidStorageLocationArn.Malformed": ({403}, "The specified parameter StorageLocationArn is wrongly formed."),
+    "InvalidResourceGroup.NotFound": ({404}, "The ResourceGroup provided does not exist in our records."),
+}
+# Codes whose reference message has printf fields (%s): the class's template has named fields in their place.
+REFERENCE_TEMPLATES = {
+    "QuotaExceed.ConcurrentSnapshotQuota": ({403}, ("The number of snapshots being created for the disk %s has "
+                                                    "exceeded the concurrent quota (%s). Please wait for the previous "
+                                                    "snapshots to complete before trying again.")),
 }
 # shared/ lies beside the checkout (as for a developer, and for CI beside its clone).
 REFERENCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -132,6 +145,16 @@ def test_cloud_api_codes_and_statuses(code):
     assert cls.message == message
 
 
+@pytest.mark.parametrize("code", sorted(REFERENCE_TEMPLATES))
+def test_cloud_api_codes_with_fields_and_statuses(code):
+    """A code whose reference message has %s fields exists with its status, and its message is the reference's
+    with named fields in their places."""
+    statuses, message = REFERENCE_TEMPLATES[code]
+    cls = by_code(code)
+    assert cls.http_status in statuses
+    assert re.sub(r"{\w+}", "%s", cls.message) == message
+
+
 def test_reference_table_matches_the_copy_in_this_file():
     """The codes, statuses and messages frozen above are the ones in the cloud API reference text."""
     files = glob.glob(os.path.join(REFERENCE_DIR, "*.txt"))
@@ -145,7 +168,7 @@ def test_reference_table_matches_the_copy_in_this_file():
                 if m:
                     status, code, msg = int(m[1]), m[2], m[3]
                     table.setdefault(code, (set(), msg))[0].add(status)
-    for code, (statuses, message) in REFERENCE.items():
+    for code, (statuses, message) in {**REFERENCE, **REFERENCE_TEMPLATES}.items():
         assert code in table, code
         assert table[code] == (statuses, message), code
 

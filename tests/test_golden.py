@@ -51,7 +51,26 @@ def test_catalog_tables_and_key_prefixes():
     """The catalog is LMDB's main database only; each table is a one-byte key prefix, frozen here."""
     assert catalog.TABLES == {"meta": b"M", "disks": b"D", "disk_paths": b"P", "snapshots": b"S",
                               "disk_snaps": b"N", "maps": b"m", "segments": b"G", "segment_refs": b"g",
-                              "chunks": b"C", "packs": b"K", "reclaim": b"R", "tokens": b"T"}
+                              "chunks": b"C", "packs": b"K", "reclaim": b"R", "tokens": b"T",
+                              "index": b"I", "index_counts": b"i", "groups": b"Q"}
+
+
+def test_catalog_index_entry_and_count_layout(snapped):
+    """An index entry is 'I' + kind ('S' snapshot) + field ('n' SnapshotName, '*' every record, 'd' SourceDiskId,
+    ...) + XXH3-64 of the value + big-endian u64 Seq, its value the SnapshotId; the count of a list is 'i' + the
+    same prefix, a u64. The catalog says version 3 (its indexes complete)."""
+    client, disk, sid, _ = snapped
+    with client.repo.catalog.read() as txn:
+        rows = {bytes(k): bytes(v) for k, v in txn._scan(b"I")}
+        counts = {bytes(k): bytes(v) for k, v in txn._scan(b"i")}
+        meta = txn.meta_json(catalog.META_CATALOG)
+    seq = bytes.fromhex("0000000000000001")
+    for field, value in ((b"*", b""), (b"d", disk.encode()), (b"s", b"accomplished"), (b"c", b"Standard"),
+                         (b"y", b"user"), (b"r", b"")):
+        prefix = b"S" + field + xxhash.xxh3_64_digest(value)
+        assert rows[b"I" + prefix + seq] == sealed(b"I" + prefix + seq, sid.encode())
+        assert counts[b"i" + prefix] == sealed(b"i" + prefix, (1).to_bytes(8, "big"))
+    assert meta["Version"] == 3 and catalog.CATALOG_VERSION == 3
 
 
 def test_catalog_chunk_entry_layout_and_checksum():

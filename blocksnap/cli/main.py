@@ -8,7 +8,7 @@ import traceback
 from .. import __version__, clock, errors, interrupts
 from ..api import Client
 from ..repository import default_repo_path
-from . import api_cmd, disk_cmd, forget_cmd, repo_cmd, restore_cmd, server_cmd, snapshot_cmd
+from . import api_cmd, disk_cmd, forget_cmd, group_cmd, repo_cmd, restore_cmd, server_cmd, snapshot_cmd
 from .output import emit_json
 
 
@@ -30,8 +30,9 @@ def build_parser():
                                      description="Incremental, deduplicated snapshots of VM disk images.")
     parser.add_argument("--version", action="version", version=f"blocksnap {__version__}")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{init,disk,snapshot,restore,forget,verify,gc,repair,upgrade,api,api-key,api-server}")
-    for mod in (repo_cmd, disk_cmd, snapshot_cmd, restore_cmd, forget_cmd, api_cmd, server_cmd):
+                                metavar="{init,disk,snapshot,restore,forget,verify,gc,repair,upgrade,resource-group,quota,"
+                                        "api,api-key,api-server}")
+    for mod in (repo_cmd, disk_cmd, snapshot_cmd, restore_cmd, forget_cmd, group_cmd, api_cmd, server_cmd):
         mod.register(sub, common)
     return parser
 

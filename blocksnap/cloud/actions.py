@@ -224,7 +224,10 @@ def _tags(help_text, local=SUPPORTED):
 def _create_snapshot(client, p):
     return client.create_snapshot(p["DiskId"], snapshot_name=p.get("SnapshotName"),
                                   description=p.get("Description"), retention_days=p.get("RetentionDays"),
-                                  tags=p.get("Tag"), client_token=p.get("ClientToken"), category=p.get("Category"))
+                                  tags=p.get("Tag"), client_token=p.get("ClientToken"), category=p.get("Category"),
+                                  resource_group_id=p.get("ResourceGroupId"), instant_access=p.get("InstantAccess"),
+                                  instant_access_retention_days=p.get("InstantAccessRetentionDays"),
+                                  storage_location_arn=p.get("StorageLocationArn"))
 
 
 CREATE_SNAPSHOT = Action("CreateSnapshot", "Snapshot a disk; answers once the snapshot is accomplished.", [
@@ -236,44 +239,60 @@ CREATE_SNAPSHOT = Action("CreateSnapshot", "Snapshot a disk; answers once the sn
     Param("Category", STRING, "Standard or Flash (deprecated in the cloud; recorded, no effect)"),
     Param("ClientToken", STRING, "idempotency token: ASCII, at most 64 characters"),
     _tags("up to 20 tags: Tag.N.Key (1-128 characters), Tag.N.Value (0-128)"),
-    Param("ResourceGroupId", STRING, "the resource group of the snapshot", local=LATER),
-    Param("InstantAccess", BOOLEAN, "deprecated instant access switch", local=LATER),
-    Param("InstantAccessRetentionDays", INTEGER, "1-65535 days of instant access (with InstantAccess=true)",
-          local=LATER),
-    Param("StorageLocationArn", STRING, "where to store the snapshot (not for general use)", local=LATER),
+    Param("ResourceGroupId", STRING, "the resource group of the snapshot (blocksnap resource-group list; default: "
+                                     "the default group)"),
+    Param("InstantAccess", BOOLEAN, "deprecated instant access switch: recorded; every local snapshot is "
+                                    "available once accomplished; not with Category"),
+    Param("InstantAccessRetentionDays", INTEGER, "1-65535 days of instant access (only with InstantAccess=true)",
+          error=errors.InvalidInstantAccessRetentionDaysMalformed),
+    Param("StorageLocationArn", STRING, "where to store the snapshot: the repository knows no location, so "
+                                        "any value is refused"),
 ] + _account_params(), _create_snapshot)
 
 
 # --- DescribeSnapshots --------------------------------------------------------------------------------------
+def _paging(p):
+    """The paging parameters as the Describe methods take them; the API's default is one page of 10."""
+    return {"page_number": p.get("PageNumber"), "page_size": p.get("PageSize"), "max_results": p.get("MaxResults"),
+            "next_token": p.get("NextToken"), "everything": False}
+
+
 def _describe_snapshots(client, p):
     client.check_region(p["RegionId"])
-    return client.describe_snapshots(disk_id=p.get("DiskId"), snapshot_ids=p.get("SnapshotIds"),
-                                     status=p.get("Status"))
+    kwargs = dict(disk_id=p.get("DiskId"), snapshot_ids=p.get("SnapshotIds"), status=p.get("Status"),
+                  snapshot_name=p.get("SnapshotName"), snapshot_type=p.get("SnapshotType"),
+                  category=p.get("Category"), tags=p.get("Tag"), resource_group_id=p.get("ResourceGroupId"),
+                  **_paging(p))
+    if p.get("DryRun"):  # every check a real request makes, then the cloud's answer to a dry run
+        client.describe_snapshots(sizes=False, **kwargs)
+        raise errors.DryRunOperation()
+    return client.describe_snapshots(**kwargs)
 
 
 DESCRIBE_SNAPSHOTS = Action("DescribeSnapshots", "List snapshots, oldest first, with their cloud fields and sizes.", [
     Param("RegionId", STRING, "the repository's region (DescribeRegions)", required=True),
     Param("DiskId", STRING, "only the snapshots of this disk"),
-    Param("SnapshotIds", JSON_ARRAY, 'only these snapshots: a JSON array, \'["s-...", "s-..."]\''),
+    Param("SnapshotIds", JSON_ARRAY, 'only these snapshots: a JSON array of up to 100, \'["s-...", "s-..."]\''),
     Param("Status", STRING, "progressing, accomplished, failed or all (default all)"),
     Param("InstanceId", STRING, "only the snapshots of this instance's disks", local=LATER),
-    Param("SnapshotName", STRING, "only the snapshots of this name", local=LATER),
-    Param("SnapshotType", STRING, "auto, user or all", local=LATER),
-    Param("Category", STRING, "only the snapshots of this category", local=LATER),
+    Param("SnapshotName", STRING, "only the snapshots of this name"),
+    Param("SnapshotType", STRING, "auto, user or all (default all; every snapshot is user until automatic "
+                                  "policies exist)"),
+    Param("Category", STRING, "only the snapshots of this category (Standard unless given at create)"),
     Param("SnapshotLinkId", STRING, "only the snapshots of this chain", local=LATER),
     Param("SourceDiskType", STRING, "System or Data", local=LATER),
     Param("Usage", STRING, "image, disk, image_disk or none", local=LATER),
     Param("Encrypted", BOOLEAN, "only encrypted snapshots", local=LATER),
     Param("KMSKeyId", STRING, "only snapshots encrypted with this key", local=LATER),
-    Param("ResourceGroupId", STRING, "only the snapshots of this resource group", local=LATER),
-    _tags("only the snapshots with these tags", local=LATER),
+    Param("ResourceGroupId", STRING, "only the snapshots of this resource group"),
+    _tags("only the snapshots with all these tags (Tag.N.Key; Tag.N.Value, if given, must match too)"),
     Param("Filter", REPEAT_LIST, "Filter.N.Key / Filter.N.Value creation-time filters", local=LATER,
           fields=("Key", "Value")),
-    Param("PageNumber", INTEGER, "page number, from 1", local=LATER),
-    Param("PageSize", INTEGER, "snapshots per page, 1-100", local=LATER),
-    Param("MaxResults", INTEGER, "snapshots per page with NextToken paging, 10-100", local=LATER),
-    Param("NextToken", STRING, "the token of the next page", local=LATER),
-    Param("DryRun", BOOLEAN, "check the request only", local=LATER),
+    Param("PageNumber", INTEGER, "page number, from 1 (default 1)"),
+    Param("PageSize", INTEGER, "snapshots per page, 1-100 (default 10)"),
+    Param("MaxResults", INTEGER, "snapshots per page with NextToken paging, 1-100 (default 10)"),
+    Param("NextToken", STRING, "the NextToken of the previous page (PageNumber and PageSize then take no effect)"),
+    Param("DryRun", BOOLEAN, "check the request only: DryRunOperation if it would pass"),
 ] + _account_params(), _describe_snapshots)
 
 
@@ -291,33 +310,48 @@ DELETE_SNAPSHOT = Action("DeleteSnapshot", "Delete a snapshot and give back the 
 # --- DescribeDisks ------------------------------------------------------------------------------------------
 def _describe_disks(client, p):
     client.check_region(p["RegionId"])
-    return client.describe_disks()
+    kwargs = dict(disk_ids=p.get("DiskIds"), disk_name=p.get("DiskName"), status=p.get("Status"),
+                  disk_type=p.get("DiskType"), lock_reason=p.get("LockReason"),
+                  resource_group_id=p.get("ResourceGroupId"), **_paging(p))
+    if p.get("DryRun"):
+        client.describe_disks(**kwargs)
+        raise errors.DryRunOperation()
+    return client.describe_disks(**kwargs)
 
 
+_DISK_FILTERS = [
+    ("DiskIds", JSON_ARRAY, "only these disks: a JSON array of up to 100"),
+    ("DiskType", STRING, "all, system or data (a local image is a data disk)"),
+    ("Status", STRING, "only disks in this status (a local image is Available; All)"),
+    ("DiskName", STRING, "only disks of this name"),
+    ("LockReason", STRING, "security (disks locked with 'blocksnap disk lock') or financial (none here)"),
+    ("ResourceGroupId", STRING, "only disks of this resource group (every disk is in the default group)"),
+    ("PageNumber", INTEGER, "page number, from 1 (default 1)"), ("PageSize", INTEGER, "disks per page, 1-100 (default 10)"),
+    ("MaxResults", INTEGER, "disks per page with NextToken paging, 10-500 (outside: the nearest; default 10)"),
+    ("NextToken", STRING, "the NextToken of the previous page"),
+    ("DryRun", BOOLEAN, "check the request only: DryRunOperation if it would pass"),
+]
 _DISK_FILTERS_LATER = [
-    ("ZoneId", STRING, "only disks of this zone"), ("DiskIds", JSON_ARRAY, "only these disks: a JSON array"),
+    ("ZoneId", STRING, "only disks of this zone"),
     ("InstanceId", STRING, "only the disks of this instance"),
-    ("DiskType", STRING, "all, system or data"), ("Category", STRING, "only disks of this category"),
-    ("Status", STRING, "only disks in this status"), ("SnapshotId", STRING, "only disks made from this snapshot"),
+    ("Category", STRING, "only disks of this category"),
+    ("SnapshotId", STRING, "only disks made from this snapshot"),
     ("Portable", BOOLEAN, "only portable disks"), ("DeleteWithInstance", BOOLEAN, "filter on DeleteWithInstance"),
     ("DeleteAutoSnapshot", BOOLEAN, "filter on DeleteAutoSnapshot"), ("EnableShared", BOOLEAN, "only shared disks"),
     ("EnableAutoSnapshot", BOOLEAN, "filter on EnableAutoSnapshot"),
     ("EnableAutomatedSnapshotPolicy", BOOLEAN, "only disks with an automatic snapshot policy"),
     ("AutoSnapshotPolicyId", STRING, "only disks with this automatic snapshot policy"),
-    ("DiskChargeType", STRING, "PrePaid or PostPaid"), ("DiskName", STRING, "only disks of this name"),
+    ("DiskChargeType", STRING, "PrePaid or PostPaid"),
     ("Encrypted", BOOLEAN, "only encrypted disks"), ("KMSKeyId", STRING, "only disks encrypted with this key"),
-    ("LockReason", STRING, "only disks locked for this reason"), ("MultiAttach", STRING, "Disabled, Enabled or All"),
+    ("MultiAttach", STRING, "Disabled, Enabled or All"),
     ("PerformanceLevel", STRING, "only ESSDs of this level"),
-    ("ResourceGroupId", STRING, "only disks of this resource group"),
     ("AdditionalAttributes", REPEAT_LIST, "extra attributes to return"),
-    ("PageNumber", INTEGER, "page number, from 1"), ("PageSize", INTEGER, "disks per page, 1-100"),
-    ("MaxResults", INTEGER, "disks per page with NextToken paging"), ("NextToken", STRING, "the next page's token"),
-    ("DryRun", BOOLEAN, "check the request only"),
 ]
 
 DESCRIBE_DISKS = Action("DescribeDisks", "List the registered disk images.", [
     Param("RegionId", STRING, "the repository's region (DescribeRegions)", required=True),
-] + [Param(name, kind, text, local=LATER) for name, kind, text in _DISK_FILTERS_LATER]
+] + [Param(name, kind, text) for name, kind, text in _DISK_FILTERS]
+  + [Param(name, kind, text, local=LATER) for name, kind, text in _DISK_FILTERS_LATER]
   + [_tags("only disks with these tags", local=LATER),
      Param("Filter", REPEAT_LIST, "Filter.N.Key / Filter.N.Value filters", local=LATER, fields=("Key", "Value"))]
   + _account_params(), _describe_disks)

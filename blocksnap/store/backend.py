@@ -16,7 +16,7 @@ import errno
 import os
 import stat
 
-OBJECT_KINDS = ("snapshots", "disks")
+OBJECT_KINDS = ("snapshots", "disks", "groups")
 
 
 def fsync_dir(path):
@@ -34,6 +34,7 @@ class LocalBackend:
         ROOT/packs/XX/<16 hex>.pack     XX: the first two hex digits of the pack id
         ROOT/snapshots/<SnapshotId>
         ROOT/disks/<DiskId>
+        ROOT/groups/<ResourceGroupId>    (made with the first resource group: older repositories lack it)
     """
 
     def __init__(self, root):

@@ -31,7 +31,9 @@ import lmdb
 
 from .. import _native, errors
 
-CATALOG_VERSION = 2
+CATALOG_VERSION = 3  # 3: the indexes of DescribeSnapshots and DescribeDisks (version 2 is indexed when opened)
+INDEXED_FROM = 3
+OLDEST_CATALOG = 2
 DEFAULT_MAP_SIZE = 1 << 38  # 256 GiB of address space; the file grows only as it is used
 CHECKSUM_LEN = 8
 ID_LEN = 16
@@ -51,10 +53,14 @@ TABLES = {
     "packs": b"K",       # pack id (8)                      -> pack entry (12 bytes)
     "reclaim": b"R",     # pack id (8) + offset (u64)       -> length (u64) + epoch (u64)
     "tokens": b"T",      # ClientToken (ASCII, 1-64)        -> {"ParamsHash", "SnapshotId"} (JSON)
+    "index": b"I",       # kind (1) + field (1) + XXH3-64 of the value (8) + order key -> the record's id (22)
+    "index_counts": b"i",  # kind (1) + field (1) + XXH3-64 of the value (8) -> entries (u64)
+    "groups": b"Q",      # ResourceGroupId (ASCII)          -> resource group record (JSON)
 }
 META_CATALOG = b"catalog"  # -> {"Version", "RepositoryId"} (JSON): whose index this is
 META_EPOCH = b"epoch"      # -> u64: the reader epoch (blocksnap.store.locks.ReaderEpochs)
 META_SEQ = b"seq"          # -> u64: the last snapshot sequence number
+META_DISK_SEQ = b"disk_seq"  # -> u64: the last disk sequence number (a disk's Seq orders DescribeDisks)
 
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
@@ -94,7 +100,8 @@ STATUSES = ("progressing", "accomplished", "failed")
 # Fields a disk record holds only where they are not the default (absent: a raw disk, only its own
 # directory tree followed, a dirty qcow2 refused): records written before they existed stay valid.
 DISK_FORMATS = ("raw", "qcow2")
-DISK_OPTIONAL = ("Format", "BackingDirs", "AllowDirty", "ImagePath")
+DISK_OPTIONAL = ("Format", "BackingDirs", "AllowDirty", "ImagePath", "OperationLocks", "Seq")
+GROUP_SCHEMA = {"ResourceGroupId": str, "Name": str, "DisplayName": str, "CreationTime": str}
 
 
 def disk_object_fields(rec):
@@ -114,7 +121,19 @@ def check_disk_record(rec, what="disk record"):
         raise errors.CatalogDamaged(f"({what}: field ImagePath is of the wrong type)")
     if not isinstance(rec.get("AllowDirty", False), bool):
         raise errors.CatalogDamaged(f"({what}: field AllowDirty is of the wrong type)")
+    seq = rec.get("Seq", 0)
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise errors.CatalogDamaged(f"({what}: field Seq is of the wrong type)")
+    locks = rec.get("OperationLocks", [])
+    if not isinstance(locks, list) or not all(isinstance(x, dict) and isinstance(x.get("LockReason"), str)
+                                              for x in locks):
+        raise errors.CatalogDamaged(f"({what}: field OperationLocks is of the wrong type)")
     return rec
+
+
+def check_group_record(rec, what="resource group record"):
+    """Raise CatalogDamaged unless ``rec`` is a resource group record."""
+    return check_record(rec, GROUP_SCHEMA, what)
 
 
 def check_record(rec, schema, what):
@@ -133,6 +152,72 @@ def check_snapshot_record(rec, what="snapshot record"):
     if rec["Status"] not in STATUSES or rec["SourceDiskSize"] < 0 or rec["ChunkSize"] <= 0:
         raise errors.CatalogDamaged(f"({what}: impossible Status, size or chunk size)")
     return rec
+
+
+# --- the indexes of DescribeSnapshots and DescribeDisks (docs/FORMAT.md, "Indexes") ----------------------
+# An index entry says "the record with this order key has this value in this field": key = "I" + kind +
+# field + XXH3-64 of the value + the order key (a snapshot's Seq, u64; a disk's CreationTime, Seq and DiskId), so
+# the entries of one (kind, field, value) are a list in creation order that a cursor walks and seeks.
+# ``index_counts`` holds the length of each list. Only records readers see are indexed (not a record being
+# deleted). A 64-bit hash can collide: whoever reads a record found through an index checks the value.
+KIND_SNAPSHOT = b"S"
+KIND_DISK = b"D"
+F_ALL = b"*"        # every record (value "")
+F_DISK = b"d"       # SourceDiskId
+F_NAME = b"n"       # SnapshotName / DiskName
+F_STATUS = b"s"     # Status
+F_CATEGORY = b"c"   # Category (Standard when none was given)
+F_TYPE = b"y"       # SnapshotType (user; auto for automatic snapshots)
+F_GROUP = b"r"      # ResourceGroupId ("" for the default group)
+F_TAG_KEY = b"k"    # a tag's key
+F_TAG = b"t"        # a tag's key and value: the compact JSON of [key, value]
+F_LOCK = b"l"       # a disk's OperationLocks LockReason
+DEFAULT_CATEGORY = "Standard"
+DEFAULT_TYPE = "user"
+
+
+def tag_term(key, value):
+    """The F_TAG value of a tag."""
+    return dump_json([key, value])
+
+
+def snapshot_terms(rec):
+    """The index values of a snapshot record: ``{(field, value bytes)}``; none for a record being deleted."""
+    if rec.get("Deleting"):
+        return set()
+    out = {(F_ALL, b""), (F_DISK, rec["SourceDiskId"].encode()), (F_STATUS, rec["Status"].encode()),
+           (F_CATEGORY, (rec.get("Category") or DEFAULT_CATEGORY).encode()),
+           (F_TYPE, (rec.get("SnapshotType") or DEFAULT_TYPE).encode()),
+           (F_GROUP, (rec.get("ResourceGroupId") or "").encode())}
+    if rec.get("SnapshotName"):
+        out.add((F_NAME, rec["SnapshotName"].encode()))
+    for tag in rec.get("Tags") or ():
+        out.add((F_TAG_KEY, tag["TagKey"].encode()))
+        out.add((F_TAG, tag_term(tag["TagKey"], tag["TagValue"])))
+    return out
+
+
+def disk_terms(rec):
+    """The index values of a disk record: ``{(field, value bytes)}``."""
+    out = {(F_ALL, b""), (F_NAME, rec["DiskName"].encode()), (F_GROUP, (rec.get("ResourceGroupId") or "").encode())}
+    for lock in rec.get("OperationLocks") or ():
+        out.add((F_LOCK, lock["LockReason"].encode()))
+    return out
+
+
+def snapshot_order(rec):
+    return U64.pack(rec["Seq"])
+
+
+def disk_order(rec):
+    """A disk's order key: CreationTime (ISO 8601, so byte order is time order), its Seq (u64; 0 for disks
+    registered before disks had one) and its DiskId."""
+    return rec["CreationTime"].encode("ascii", "replace") + U64.pack(rec.get("Seq", 0)) + rec["DiskId"].encode("ascii")
+
+
+def index_prefix(kind, field, value):
+    """The key prefix (after the table's) of one index list."""
+    return kind + field + _native.hash64(value)
 
 
 def dump_json(rec):
@@ -425,13 +510,52 @@ class Catalog:
         self._ent = acquire_env(path, writable)
         self.writable = self._ent.writable
         self.repository_id = repository_id
-        if repository_id is not None:
+        self.version = OLDEST_CATALOG
+        try:
             with self.read() as t:
                 info = t.meta_json(META_CATALOG)
-            if (info is None or info.get("Version") != CATALOG_VERSION
-                    or info.get("RepositoryId") != repository_id):
+        except errors.CatalogDamaged:
+            if repository_id is not None:
                 self.close()
-                raise errors.CatalogStale(f"({path} is not a version-{CATALOG_VERSION} index of this repository)")
+                raise
+            info = None  # salvage and probes read what they can; unindexed, nothing is migrated
+        except BaseException:
+            self.close()
+            raise
+        version = info.get("Version") if isinstance(info, dict) else None
+        if repository_id is not None and (version not in range(OLDEST_CATALOG, CATALOG_VERSION + 1)
+                                          or info.get("RepositoryId") != repository_id):
+            self.close()
+            raise errors.CatalogStale(f"({path} is not a version-{CATALOG_VERSION} index of this repository)")
+        if isinstance(version, int) and not isinstance(version, bool):
+            self.version = version
+        if isinstance(info, dict) and self.version < INDEXED_FROM and self.writable:
+            try:
+                self.build_indexes()
+            except errors.CatalogDamaged:
+                pass  # left unindexed: readers scan, as version 2 did; 'blocksnap repair' rebuilds it
+
+    @property
+    def indexed(self):
+        """True if the indexes of DescribeSnapshots and DescribeDisks are complete (version 3)."""
+        return self.version >= INDEXED_FROM
+
+    def build_indexes(self):
+        """Index a version-2 catalog (every snapshot and disk record) and make it version 3, in one
+        transaction; another process that did it first wins. Raises CatalogDamaged (nothing written) if a
+        record cannot be read: the catalog then stays unindexed until 'blocksnap repair'."""
+        with self.write() as txn:
+            info = txn.meta_json(META_CATALOG)
+            if info.get("Version", 0) < INDEXED_FROM:
+                for table in ("index", "index_counts"):
+                    for key in [bytes(k) for k, _ in txn._scan(TABLES[table])]:
+                        txn._delete(key)
+                for rec in txn.snapshots():
+                    txn.index_snapshot(rec)
+                for rec in txn.disks():
+                    txn.index_disk(rec)
+                txn.put_meta_json(META_CATALOG, dict(info, Version=CATALOG_VERSION))
+        self.version = CATALOG_VERSION
 
     @property
     def env(self):
@@ -558,9 +682,9 @@ class Txn:
     def put_meta_u64(self, name, value):
         self._put(TABLES["meta"] + name, U64.pack(value))
 
-    def next_seq(self):
-        value = self.meta_u64(META_SEQ) + 1
-        self.put_meta_u64(META_SEQ, value)
+    def next_seq(self, name=META_SEQ):
+        value = self.meta_u64(name) + 1
+        self.put_meta_u64(name, value)
         return value
 
     def epoch(self):
@@ -584,7 +708,14 @@ class Txn:
             yield self.disk(key[len(prefix):].decode("ascii", "replace"))
 
     def put_disk(self, rec):
-        self._put(TABLES["disks"] + rec["DiskId"].encode("ascii"), dump_json(rec))
+        """Write a disk record and bring its index entries in line with it."""
+        key = TABLES["disks"] + rec["DiskId"].encode("ascii")
+        old = self._stored_json(key, f"disk record {rec['DiskId']}", check_disk_record)
+        self._put(key, dump_json(rec))
+        if old and disk_order(old) != disk_order(rec):  # another CreationTime: every entry moves
+            self._reindex(KIND_DISK, disk_terms(old), set(), disk_order(old), rec["DiskId"])
+            old = None
+        self._reindex(KIND_DISK, disk_terms(old) if old else set(), disk_terms(rec), disk_order(rec), rec["DiskId"])
 
     def disk_id_of_path(self, path):
         key = TABLES["disk_paths"] + path_key(path)
@@ -626,13 +757,114 @@ class Txn:
             yield self.snapshot(sid)
 
     def put_snapshot(self, rec):
-        self._put(TABLES["snapshots"] + rec["SnapshotId"].encode("ascii"), dump_json(rec))
+        """Write a snapshot record and bring its index entries in line with it."""
+        key = TABLES["snapshots"] + rec["SnapshotId"].encode("ascii")
+        old = self._stored_json(key, f"snapshot record {rec['SnapshotId']}", check_snapshot_record)
+        self._put(key, dump_json(rec))
+        self._reindex(KIND_SNAPSHOT, snapshot_terms(old) if old else set(), snapshot_terms(rec),
+                      snapshot_order(rec), rec["SnapshotId"])
 
     def delete_snapshot(self, rec):
         sid = rec["SnapshotId"].encode("ascii")
+        old = self._stored_json(TABLES["snapshots"] + sid, f"snapshot record {rec['SnapshotId']}",
+                                check_snapshot_record)
+        if old:
+            self._reindex(KIND_SNAPSHOT, snapshot_terms(old), set(), snapshot_order(old), rec["SnapshotId"])
         self._delete(TABLES["snapshots"] + sid)
         self._delete(TABLES["maps"] + sid)
         self._delete(TABLES["disk_snaps"] + rec["SourceDiskId"].encode("ascii") + U64.pack(rec["Seq"]))
+
+    def index_snapshot(self, rec):
+        """Add a stored record's index entries (building the indexes of a version-2 catalog)."""
+        self._reindex(KIND_SNAPSHOT, set(), snapshot_terms(rec), snapshot_order(rec), rec["SnapshotId"])
+
+    def index_disk(self, rec):
+        self._reindex(KIND_DISK, set(), disk_terms(rec), disk_order(rec), rec["DiskId"])
+
+    def _stored_json(self, key, what, check):
+        """The record stored under ``key``, checked, or None. A value that is no record is left to the reads
+        that check it: an index update must not stop a write that replaces it."""
+        raw = self._t.get(key)
+        if raw is None:
+            return None
+        try:
+            return check(load_json(self._open(key, raw, MAX_JSON, what), what), what)
+        except errors.CatalogDamaged:
+            return None
+
+    # --- indexes ----------------------------------------------------------------------------------
+    def _reindex(self, kind, old_terms, new_terms, order, ident):
+        table = TABLES["index"]
+        for field, value in old_terms - new_terms:
+            prefix = index_prefix(kind, field, value)
+            if self._t.delete(table + prefix + order):
+                self._add_count(prefix, -1)
+        for field, value in new_terms - old_terms:
+            prefix = index_prefix(kind, field, value)
+            if self._put(table + prefix + order, ident.encode("ascii"), overwrite=False):
+                self._add_count(prefix, +1)
+
+    def _add_count(self, prefix, delta):
+        key = TABLES["index_counts"] + prefix
+        n = max(0, self.index_count_of(prefix) + delta)
+        if n:
+            self._put(key, U64.pack(n))
+        else:
+            self._delete(key)
+
+    def index_count_of(self, prefix):
+        raw = self._get(TABLES["index_counts"] + prefix, 8, "index count")
+        if raw is None:
+            return 0
+        if len(raw) != 8:
+            raise errors.CatalogDamaged(f"(an index count of {len(raw)} bytes)")
+        return U64.unpack(raw)[0]
+
+    def index_count(self, kind, field, value):
+        """Entries of one index list (from index_counts: no walk)."""
+        return self.index_count_of(index_prefix(kind, field, value))
+
+    def posting(self, kind, field, value):
+        """The index list of records whose ``field`` has ``value``, as a :class:`Posting`."""
+        return Posting(self, TABLES["index"] + index_prefix(kind, field, value))
+
+    def index_items(self):
+        """``(index key after the table prefix, id)`` of every index entry (verify)."""
+        prefix = TABLES["index"]
+        for key, raw in self._scan(prefix):
+            yield key[len(prefix):], self._open(key, raw, 64, "index entry").decode("ascii", "replace")
+
+    def index_count_items(self):
+        prefix = TABLES["index_counts"]
+        for key, raw in self._scan(prefix):
+            val = self._open(key, raw, 8, "index count")
+            if len(val) != 8:
+                raise errors.CatalogDamaged(f"(an index count of {len(val)} bytes)")
+            yield key[len(prefix):], U64.unpack(val)[0]
+
+    # --- resource groups ------------------------------------------------------------------------
+    def group(self, group_id):
+        """The resource group record of ``group_id``, or None."""
+        key = TABLES["groups"] + _name(group_id, "resource group record")
+        raw = self._get(key, MAX_JSON, f"resource group record {group_id}")
+        if raw is None:
+            return None
+        rec = check_group_record(load_json(raw, f"resource group record {group_id}"),
+                                 f"resource group record {group_id}")
+        if rec["ResourceGroupId"] != group_id:
+            raise errors.CatalogDamaged(f"(resource group record {group_id} names {rec['ResourceGroupId']!r})")
+        return rec
+
+    def groups(self):
+        prefix = TABLES["groups"]
+        for key, _ in self._scan(prefix):
+            yield self.group(key[len(prefix):].decode("ascii", "replace"))
+
+    def put_group(self, rec):
+        self._put(TABLES["groups"] + rec["ResourceGroupId"].encode("ascii"), dump_json(rec))
+
+    def delete_group(self, group_id):
+        self._delete(TABLES["groups"] + group_id.encode("ascii"))
 
     def put_disk_snap(self, disk_id, seq, snapshot_id):
         self._put(TABLES["disk_snaps"] + disk_id.encode("ascii") + U64.pack(seq), snapshot_id.encode("ascii"))
@@ -856,3 +1088,64 @@ class Txn:
     def check_raw(self, key, raw):
         """Check one raw value's length and checksum (verify's walk over the keyspace)."""
         self._open(key, raw, MAX_JSON + ID_LEN * (1 << 24), f"catalog key {key[:1]!r}")
+
+
+class Posting:
+    """One index list: the entries of the records whose field has one value, in order key order.
+
+    ``seek(order)`` gives the first entry at or after ``order`` as ``(order key, id)``, or None past the end;
+    entries are read through one cursor, keys only until an id is asked for. Not thread-safe; lives as long
+    as its transaction.
+    """
+
+    def __init__(self, txn, prefix):
+        self._txn = txn
+        self._prefix = prefix
+        self._cur = txn._t.cursor()
+
+    def seek(self, order=b""):
+        cur = self._cur
+        if not cur.set_range(self._prefix + order):
+            return None
+        key = bytes(cur.key())
+        if not key.startswith(self._prefix):
+            return None
+        ident = self._txn._open(key, cur.value(), 64, "index entry")
+        return key[len(self._prefix):], ident.decode("ascii", "replace")
+
+    def seek_key(self, order=b""):
+        """The first order key at or after ``order`` (its id not read), or None."""
+        cur = self._cur
+        if not cur.set_range(self._prefix + order):
+            return None
+        key = cur.key()
+        n = len(self._prefix)
+        if bytes(key[:n]) != self._prefix:
+            return None
+        return bytes(key[n:])
+
+    def keys(self, order=b""):
+        """Every order key from ``order`` on, the cursor stepping (no seek, no id read): for skipping pages."""
+        first = self.seek_key(order)
+        if first is None:
+            return
+        yield first
+        cur, prefix, n = self._cur, self._prefix, len(self._prefix)
+        while cur.next():
+            key = cur.key()
+            if bytes(key[:n]) != prefix:
+                return
+            yield bytes(key[n:])
+
+    def walk(self, order=b""):
+        """``(order key, id)`` of every entry from ``order`` on."""
+        hit = self.seek(order)
+        if hit is None:
+            return
+        yield hit
+        cur, n = self._cur, len(self._prefix)
+        while cur.next():
+            key = bytes(cur.key())
+            if not key.startswith(self._prefix):
+                return
+            yield key[n:], self._txn._open(key, cur.value(), 64, "index entry").decode("ascii", "replace")

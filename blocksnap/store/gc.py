@@ -176,6 +176,10 @@ def execute(repo, on_wait=None, on_readers=None, now=None, max_unused=None, grac
         dead_segments = repo.finish_deletes()  # deletes a crash interrupted
         with repo.catalog.write() as txn:
             repo.settle_dead(txn)  # no create runs now: every progressing record is a dead one's
+            # and every ClientToken claim without a record is one whose creator died before it recorded anything
+            for token, entry in list(txn.tokens()):
+                if txn.snapshot(entry.snapshot_id) is None:
+                    txn.delete_token(token)
         with repo.catalog.read() as txn:
             _, _, expired, failed = _doomed(repo, txn, time.time() if now is None else now, grace)
         for sid in expired:
@@ -203,7 +207,7 @@ def execute(repo, on_wait=None, on_readers=None, now=None, max_unused=None, grac
 
         clear_leftovers(repo.path)
         p["EmptyDirsRemoved"] = repo.backend.remove_empty_dirs()
-        for kind in ("snapshots", "disks"):
+        for kind in ("snapshots", "disks", "groups"):
             repo.backend.clear_temporaries(kind)
         p["Problems"] = job.problems
         p["FreedBytes"] = max(0, before - repo.packs.disk_usage())

@@ -5,6 +5,7 @@
     REPO/packs/XX/       pack files         } the store (blocksnap.store.backend):
     REPO/snapshots/      snapshot objects   } everything the catalog is rebuilt from
     REPO/disks/          disk objects       }
+    REPO/groups/         resource groups    }  (made with the first group other than the default)
     REPO/locks/          lock files (blocksnap.store.locks)
 """
 import errno
@@ -22,10 +23,10 @@ import lmdb
 from .. import errors
 from . import catalog
 from . import config as configs
-from .backend import OBJECT_KINDS, fsync_dir
+from .backend import fsync_dir
 from .locks import ReaderEpochs
 
-STORE_DIRS = ("packs",) + OBJECT_KINDS
+STORE_DIRS = ("packs", "snapshots", "disks")  # made by init; groups/ comes with the first resource group
 LOCK_FILES = ("repo.lock", "gate.lock") + ReaderEpochs.NAMES
 V1_DB_NAMES = (b"disks", b"disk_paths", b"snapshots", b"snapmaps", b"disk_snaps", b"segments",
                b"chunks", b"packs", b"reclaim", b"tokens", b"counters")

@@ -22,8 +22,8 @@ import struct
 _FLOCK = struct.Struct("hhxxxxqqi4x")
 
 
-def _flock_arg(kind):
-    return _FLOCK.pack(kind, os.SEEK_SET, 0, 0, 0)
+def _flock_arg(kind, start=0, length=0):
+    return _FLOCK.pack(kind, os.SEEK_SET, start, length, 0)
 
 
 class FileLock:
@@ -77,6 +77,47 @@ def is_held(path):
     finally:
         os.close(fd)
     return _FLOCK.unpack(out)[0] != fcntl.F_UNLCK
+
+
+class ByteLock:
+    """An exclusive OFD lock on one byte of a file: many independent locks in one file, as a lock per
+    ClientToken (the byte at a hash of the token) or a slot of a counted resource (byte N: slot N) needs,
+    without a file per lock. Dies with its holder like :class:`FileLock`."""
+
+    def __init__(self, path, offset):
+        self.path = path
+        self.offset = offset
+        self._fd = None
+
+    def acquire(self):
+        """Take the lock without waiting; False if another open file holds it (this process's too)."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, _flock_arg(fcntl.F_WRLCK, self.offset, 1))
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                self.release()
+                return False
+            raise
+        return True
+
+    def held(self):
+        """True if some open file holds this byte (tested without taking it)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            out = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock_arg(fcntl.F_WRLCK, self.offset, 1))
+        finally:
+            os.close(fd)
+        return _FLOCK.unpack(out)[0] != fcntl.F_UNLCK
+
+    def release(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class ReaderEpochs:

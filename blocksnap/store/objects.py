@@ -1,4 +1,5 @@
-"""Store objects: one per disk (``disks/<DiskId>``) and one per accomplished snapshot (``snapshots/<SnapshotId>``).
+"""Store objects: one per disk (``disks/<DiskId>``), one per accomplished snapshot (``snapshots/<SnapshotId>``)
+and one per resource group other than the default one (``groups/<ResourceGroupId>``).
 
 With the packs they are the store, from which the catalog can be rebuilt (docs/FORMAT.md, "Objects").
 A snapshot object is the top of a Merkle tree: it holds the snapshot's record and the ids of its map
@@ -9,9 +10,9 @@ Layout (big-endian)::
 
     0   6  magic "BSOBJ\\0"
     6   1  format version (2)
-    7   1  kind: "S" snapshot, "D" disk
+    7   1  kind: "S" snapshot, "D" disk, "R" resource group
     8   4  length J of the JSON record
-    12  4  number S of segment ids (0 for a disk)
+    12  4  number S of segment ids (0 for a disk or a group)
     16  J  the record: UTF-8 JSON, compact, keys sorted
     ..  16*S  segment ids
     ..  16 XXH3-128 of everything before it
@@ -29,6 +30,8 @@ VERSION = 2
 HEAD = struct.Struct(">6sBcII")
 KIND_SNAPSHOT = b"S"
 KIND_DISK = b"D"
+KIND_GROUP = b"R"
+_KIND_NAMES = {KIND_SNAPSHOT: "snapshot", KIND_DISK: "disk", KIND_GROUP: "resource group"}
 MAX_OBJECT = 1 << 30
 
 
@@ -39,7 +42,7 @@ def _encode(kind, rec, seg_ids=b""):
 
 
 def _decode(kind, name, data):
-    what = f"{'snapshot' if kind == KIND_SNAPSHOT else 'disk'} object {name}"
+    what = f"{_KIND_NAMES[kind]} object {name}"
     if data is None:
         return None
     if len(data) < HEAD.size + 16 or len(data) > MAX_OBJECT:
@@ -101,4 +104,23 @@ def decode_disk(name, data):
         raise errors.StoreDamaged(exc.detail) from None
     if rec["DiskId"] != name:
         raise errors.StoreDamaged(f"(disk object {name} holds the record of {rec['DiskId']!r})")
+    return rec
+
+
+def encode_group(rec):
+    return _encode(KIND_GROUP, rec)
+
+
+def decode_group(name, data):
+    """The record of a resource group object, checked; None for None. Raises StoreDamaged."""
+    out = _decode(KIND_GROUP, name, data)
+    if out is None:
+        return None
+    rec = out[0]
+    try:
+        catalog.check_group_record(rec, f"resource group object {name}")
+    except errors.CatalogDamaged as exc:
+        raise errors.StoreDamaged(exc.detail) from None
+    if rec["ResourceGroupId"] != name:
+        raise errors.StoreDamaged(f"(resource group object {name} holds the record of {rec['ResourceGroupId']!r})")
     return rec

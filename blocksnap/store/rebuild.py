@@ -30,11 +30,12 @@ from .packs import CODEC_RAW, KIND_CHUNK, KIND_SEGMENT, RECORD, Record, read_tra
 
 
 
-def _salvage(repo, report, bad_packs=()):
+def _salvage(repo, report, bad_packs=(), groups=None):
     """What the old catalog still holds, checked: ``(snapshots, failed, disks, segments, epoch, records)``;
     ``records`` lists the chunk and segment records it places in ``bad_packs`` (packs without a readable
-    trailer): ``[(pack id, Record)]``."""
+    trailer): ``[(pack id, Record)]``. Its resource group records go into ``groups``."""
     path = os.path.join(repo.path, "catalog")
+    groups = {} if groups is None else groups
     snaps, failed, disks, segs, epoch, records = {}, [], {}, {}, 0, []
     if os.path.exists(os.path.join(path, "data.mdb")) and not catalogs.probe(path):
         report["OldCatalog"] = "unreadable: LMDB stopped reading it on a damaged page"
@@ -78,6 +79,13 @@ def _salvage(repo, report, bad_packs=()):
                     continue
                 if rec is not None:
                     disks[did] = rec
+            for gid in _safe(lambda: [k.decode("ascii", "replace") for k in txn.keys("groups")], []):
+                try:
+                    rec = txn.group(gid)
+                except errors.BlocksnapError:
+                    continue
+                if rec is not None:
+                    groups[gid] = rec
             if bad_packs:
                 for cid, e in txn.chunk_items(lambda c, exc: None):
                     if e.pack_id in bad_packs:
@@ -202,7 +210,7 @@ def repair(repo, progress=None, on_wait=None):
 def _repair(repo, progress):
     report = {"ObjectsRewritten": 0, "SegmentsRewritten": 0, "Lost": [], "Problems": [], "DeletesFinished": []}
     recover_swap(repo.path)
-    for kind in ("snapshots", "disks"):
+    for kind in ("snapshots", "disks", "groups"):
         repo.backend.clear_temporaries(kind)
     repo.epochs.ensure()
     if repo.catalog is not None:
@@ -215,7 +223,8 @@ def _repair(repo, progress):
             read_trailer(backend, pack_id)
         except (errors.RepositoryDamaged, OSError):
             bad_packs.add(pack_id)
-    old_snaps, old_failed, old_disks, old_segs, old_epoch, stranded = _salvage(repo, report, bad_packs)
+    old_groups = {}
+    old_snaps, old_failed, old_disks, old_segs, old_epoch, stranded = _salvage(repo, report, bad_packs, old_groups)
     report["RecordsRewritten"] = _rescue(repo, stranded, report)
     # Packs with a damaged trailer that the old catalog could not speak for: walk their records by headers.
     for pack_id in sorted(bad_packs - {p for p, _ in stranded}):
@@ -255,13 +264,28 @@ def _repair(repo, progress):
             disks[did] = obj
             report["ObjectsRewritten"] += 1
 
-    build = build_catalog(repo, report, stored, disks, old_failed, old_segs, old_epoch, recorded=set(old_disks))
+    groups = {}
+    for gid in backend.list_objects("groups"):
+        try:
+            rec = objects.decode_group(gid, backend.get_object("groups", gid))
+        except errors.StoreDamaged:
+            rec = None
+        if rec is not None:
+            groups[gid] = rec
+    for gid, rec in old_groups.items():
+        if gid not in groups:
+            backend.put_object("groups", gid, objects.encode_group(rec))
+            groups[gid] = rec
+            report["ObjectsRewritten"] += 1
+
+    build = build_catalog(repo, report, stored, disks, old_failed, old_segs, old_epoch, recorded=set(old_disks),
+                          groups=groups)
     swap_in(repo, build)
     return report
 
 
 def build_catalog(repo, report, stored, disks, old_failed=(), old_segs=None, old_epoch=0, min_seq=0,
-                  recorded=()):
+                  recorded=(), groups=None):
     """Build a new catalog beside the live one from the store's objects and packs; returns its directory.
 
     Args:
@@ -271,6 +295,7 @@ def build_catalog(repo, report, stored, disks, old_failed=(), old_segs=None, old
         old_segs: ``{segment id: ids}`` good copies to write anew where the store lost a segment's record.
         old_epoch: the old catalog's reader epoch; min_seq: the lowest snapshot sequence to continue from.
         recorded: ids of the disks the old catalog recorded (preferred where two objects share a path).
+        groups: ``{ResourceGroupId: record}`` of the resource group objects.
     """
     build = os.path.join(repo.path, f"catalog.rebuild-{os.urandom(4).hex()}")
     catalogs.create(build, repo.repository_id)
@@ -284,7 +309,11 @@ def build_catalog(repo, report, stored, disks, old_failed=(), old_segs=None, old
         _settle_duplicates(repo, new, segments, dups)
         _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, min_seq, recorded)
         _drop_unnamed_chunks(new, report)
+        with new.write() as txn:
+            for rec in (groups or {}).values():
+                txn.put_group(rec)
         report["Packs"] = packs
+        report["ResourceGroups"] = len(groups or {})
         new.env.sync(True)
     except BaseException:
         new.close()
@@ -527,6 +556,7 @@ def _records(repo, new, stored, disks, segments, old_failed, old_epoch, report, 
             if rec["Path"]:
                 txn.put_disk_path(rec["Path"], did)
         txn.put_meta_u64(catalogs.META_SEQ, max_seq)
+        txn.put_meta_u64(catalogs.META_DISK_SEQ, max([r.get("Seq", 0) for r in disks.values()] + [0]))
         # Readers of the old catalog hold one of the two reader locks: two epochs on, the first removal
         # of data drains both.
         txn.put_meta_u64(catalogs.META_EPOCH, old_epoch + 2)
