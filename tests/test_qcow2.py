@@ -767,9 +767,17 @@ class QemuHolder:
         self.proc = subprocess.Popen(["qemu-io", "-f", "qcow2", path], stdin=subprocess.PIPE,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        while qi.run("qemu-img", "info", path, ok=(0, 1)).returncode == 0:  # until its lock is taken
-            assert time.monotonic() < deadline and self.proc.poll() is None, "qemu-io did not lock the image"
-            time.sleep(0.05)
+        # Until its lock is taken, asked without taking a lock (F_OFD_GETLK): a probe that took one, as
+        # `qemu-img info` does, could make qemu-io fail to get its write lock while it starts.
+        from blocksnap.image import qemu_writer
+
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            while not qemu_writer(fd):
+                assert time.monotonic() < deadline and self.proc.poll() is None, "qemu-io did not lock the image"
+                time.sleep(0.05)
+        finally:
+            os.close(fd)
 
     def __enter__(self):
         return self
