@@ -333,6 +333,10 @@ int bs_scan_extents(bs_xctx *x, const bs_extent *ext, uint32_t n_ext, uint64_t l
  * with *err_out = errno when a read fails, BS_ESHORT when the file ends first (io.c). */
 int bs_read_full(int fd, uint8_t *dst, size_t len, uint64_t off, int *err_out);
 
+/* bs_read_padded: bs_read_full, but the bytes past the end of the file read as zeros (as QEMU's block layer
+ * reads a file past its end: bdrv_aligned_preadv); BS_EIO as bs_read_full (io.c). */
+int bs_read_padded(int fd, uint8_t *dst, size_t len, uint64_t off, int *err_out);
+
 /* bs_write_full: pwrite all of p[0:len) at off, retrying after EINTR and short writes. BS_EIO with
  * *err_out = errno when a write fails, ENOSPC when one makes no progress (io.c). */
 int bs_write_full(int fd, const uint8_t *p, size_t len, uint64_t off, int *err_out);

@@ -65,29 +65,6 @@ void bs_xctx_free(bs_xctx *x)
     free(x);
 }
 
-/* pread len bytes at off, zeros past the end of the file (as QEMU's block layer reads a file past
- * its end: bdrv_aligned_preadv). */
-static int read_padded(int fd, uint8_t *dst, size_t len, uint64_t off, int *err_out)
-{
-    while (len) {
-        ssize_t r = pread(fd, dst, len, (off_t)off);
-        if (r < 0) {
-            if (errno == EINTR)
-                continue;
-            *err_out = errno;
-            return BS_EIO;
-        }
-        if (r == 0) {
-            memset(dst, 0, len);
-            return BS_OK;
-        }
-        dst += r;
-        off += (uint64_t)r;
-        len -= (size_t)r;
-    }
-    return BS_OK;
-}
-
 /* The chunks of window bytes [start, end) were read: they are no holes. */
 static void mark_read(uint8_t *flags, uint64_t start, uint64_t end, uint32_t chunk_size)
 {
@@ -128,7 +105,7 @@ static int read_sparse(int fd, uint8_t *dst, uint64_t len, uint64_t off, int *er
         if (ds > pos)
             memset(dst + (pos - off), 0, (size_t)(ds - pos));
         if (de > ds) {
-            int rc = pad ? read_padded(fd, dst + (ds - off), (size_t)(de - ds), ds, err_out)
+            int rc = pad ? bs_read_padded(fd, dst + (ds - off), (size_t)(de - ds), ds, err_out)
                          : bs_read_full(fd, dst + (ds - off), (size_t)(de - ds), ds, err_out);
             if (rc != BS_OK)
                 return rc;
@@ -149,7 +126,7 @@ static int decode_cluster(bs_xctx *x, const bs_extent *e, int *err_out)
     x->last_fd = -1;
     x->last_off = 0;
     x->last_stored = x->last_len = 0;
-    int rc = read_padded(e->fd, x->stored, e->stored_len, e->host_off, err_out);
+    int rc = bs_read_padded(e->fd, x->stored, e->stored_len, e->host_off, err_out);
     if (rc != BS_OK)
         return rc;
     if (e->kind == BS_EXT_DEFLATE) {

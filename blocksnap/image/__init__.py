@@ -196,7 +196,7 @@ def path_of(src, extents, exc):
     if index is None or index >= len(extents):
         return src.path
     fd = extents[index][2]
-    for path, f in (src.files() if hasattr(src, "files") else []):
+    for path, f in src.files():
         if f == fd:
             return path
     return src.path
